@@ -1,0 +1,1 @@
+"""The routed runtime: executor, routed KV cache and per-architecture adapters."""

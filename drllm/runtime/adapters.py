@@ -1,0 +1,50 @@
+"""Per-architecture knowledge: where the decoder blocks live and what is supported.
+
+Llama, Qwen2, Qwen3 and Mistral share the transformers 5.x decoder layout
+(``model.model.layers``, layers called with keyword arguments, K/V written
+through ``past_key_values.update(k, v, layer_idx)``), so one adapter serves
+all four; a new family is added here once checked against the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_type: str
+    hidden_size: int
+    num_blocks: int
+    device: torch.device
+    base: nn.Module  # the module owning ``layers`` (e.g. LlamaModel)
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The module holding the decoder blocks: ``model.model`` for a CausalLM, else ``model``."""
+    for candidate in (model, getattr(model, "model", None)):
+        if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+            return candidate
+    raise TypeError(
+        f"{type(model).__name__} has no decoder blocks at `.layers` or `.model.layers`; "
+        f"drllm supports Hugging Face decoder models of types {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Check that ``model`` is supported and return what the runtime needs to know."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"unsupported architecture {model_type!r}: drllm supports model_type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    base = decoder(model)
+    param = next(model.parameters())
+    return ModelInfo(model_type, config.hidden_size, len(base.layers), param.device, base)

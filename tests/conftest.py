@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random-weight models of every supported family."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+VOCAB = 97
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(family: str, num_layers: int = 4, **overrides):
+    """A small config of ``family``; Mistral gets a short sliding window so decoding crosses it."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=12, **common)
+    if family == "mistral":
+        return MistralConfig(sliding_window=7, **common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def weights_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def random_batch(batch: int, length: int, seed: int, padding: str = "left", min_len: int = 2):
+    """Token ids and a padding mask: row lengths vary, padded on ``padding``'s side."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        n = int(torch.randint(min_len, length + 1, (1,), generator=g))
+        pad = length - n
+        if padding == "left":
+            mask[b, :pad] = 0
+        else:
+            mask[b, n:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
