@@ -1,14 +1,109 @@
 """Hot-path ops of the routed runtime.
 
-Each function here is the specification: a plain PyTorch reference. Fast
-versions (Triton kernels, the C++/CUDA extension) are dispatched from these
-same functions and tested against the reference.
+The ``*_reference`` functions (and the bodies they call) are the
+specification: plain PyTorch. The public functions :func:`pooled_router_logits`,
+:func:`compact_rows`, :func:`gather_rows` and :func:`scatter_rows` dispatch to
+a fast path when one applies and fall back to the reference otherwise:
+
+- pooling + router MLP: the fused Triton kernel (``drllm.kernels``), by default
+  for CUDA tensors only (on the CPU the reference is faster than Triton's
+  interpreter);
+- row compaction, gather, scatter: the C++/CUDA extension ``drllm._C``
+  (``torch.ops.drllm.*``), on the CPU and, when built with CUDA, on the GPU.
+
+The reference is used whenever a fast path does not apply: gradients are
+required (the fast paths have no backward), torch.compile is tracing the
+pooling, the device or dtype is not supported, or the fast path is not
+installed. A missing or incompatible extension gives one warning at import.
+
+``DRLLM_OPS_BACKEND`` (read at import; :func:`set_backend` changes it later)
+selects: ``auto`` (default), ``reference`` (PyTorch everywhere), ``triton``
+(Triton for the pooling wherever it can run, including CPU tensors when
+``TRITON_INTERPRET=1``; the reference for row ops) or ``ext`` (the extension for
+row ops; the reference for the pooling). :func:`backend` reports the choice.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+import sys
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("auto", "reference", "triton", "ext")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _parse_backend(value: str | None) -> str:
+    value = (value or "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        warnings.warn(
+            f"drllm: DRLLM_OPS_BACKEND={value!r} is not one of {BACKENDS}; using 'auto'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "auto"
+    return value
+
+
+_mode = _parse_backend(os.environ.get("DRLLM_OPS_BACKEND"))
+
+
+def _load_kernels():
+    """``drllm.kernels``, also from a source checkout that was not pip-installed."""
+    try:
+        from drllm import kernels
+
+        return kernels
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("drllm.kernels",):
+            raise
+    path = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("drllm.kernels", path, submodule_search_locations=[str(path.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["drllm.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules["drllm.kernels"]
+        raise
+    return module
+
+
+_kernels = _load_kernels()
+
+if _mode == "reference" or _env_flag("DRLLM_NO_EXT"):
+    _ext = None  # not wanted: do not even load it (and do not warn)
+    _EXT_ERROR: str | None = "not loaded (DRLLM_OPS_BACKEND=reference or DRLLM_NO_EXT=1)"
+else:
+    from drllm import _ext
+
+    _EXT_ERROR = _ext.ERROR
+    if not _ext.LOADED:
+        warnings.warn(
+            f"drllm: the C++/CUDA extension drllm._C is unavailable ({_ext.ERROR}); row compaction, "
+            "gather and scatter use the PyTorch reference. Build it with "
+            "`pip install --no-build-isolation -e .`, or set DRLLM_NO_EXT=1 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _ext = None
+
+if _mode == "triton" and not (_kernels is not None and _kernels.HAS_TRITON):
+    warnings.warn(
+        "drllm: DRLLM_OPS_BACKEND=triton but triton is not installed; the pooling uses the PyTorch reference",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def window_weights(mask: torch.Tensor, num_windows: int) -> torch.Tensor:
@@ -57,6 +152,88 @@ def pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2):
     return (logits * v).sum(dim=1) / v.sum(dim=1)
 
 
+def pooled_router_logits_loop(hidden, mask, num_windows, w1, b1, w2, b2, *, dtype=torch.float32):
+    """Naive oracle of :func:`pooled_router_logits`: a Python loop over rows and windows.
+
+    Computes in ``dtype`` (pass ``torch.float64`` for a high-precision
+    reference). Used by the tests and as the slow baseline of the benchmarks.
+    """
+    w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
+    out = []
+    for b in range(hidden.shape[0]):
+        tokens = hidden[b][mask[b] != 0].to(dtype)  # [T_real, H]
+        if tokens.shape[0] == 0:
+            raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
+        windows = torch.tensor_split(tokens, min(num_windows, tokens.shape[0]))
+        logits = [router_mlp(w.mean(dim=0), w1, b1, w2, b2) for w in windows]
+        out.append(torch.stack(logits).mean(dim=0))
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def set_backend(name: str | None) -> str:
+    """Select the backend (one of :data:`BACKENDS`; None means ``auto``); returns the previous one."""
+    global _mode
+    name = (name or "auto").strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    previous, _mode = _mode, name
+    return previous
+
+
+def _grad_needed(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # older torch
+        return False
+
+
+def _pooling_choice(device_type: str) -> str:
+    """Pooling backend for a device type, before looking at the inputs."""
+    if _mode in ("reference", "ext") or _kernels is None or not _kernels.HAS_TRITON:
+        return "reference"
+    if device_type == "cuda":
+        return "triton"
+    if _mode == "triton" and _kernels.interpreting():
+        return "triton"  # forced: CPU tensors through Triton's interpreter
+    return "reference"
+
+
+def _rows_choice(op: str, device_type: str) -> str:
+    """Row-op backend for a device type, before looking at the inputs."""
+    if _mode in ("reference", "triton") or _ext is None:
+        return "reference"
+    return "ext" if _ext.has_kernel(op, device_type) else "reference"
+
+
+def backend(device: str | torch.device | None = None) -> dict:
+    """What the ops use on ``device`` (default: ``cuda`` when available, else ``cpu``).
+
+    ``pooling`` and ``rows`` name the backend that inputs on that device get
+    (unless they need gradients or the fast path rejects them, then
+    ``reference``); the other keys say what is installed.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return {
+        "device": device_type,
+        "mode": _mode,
+        "pooling": _pooling_choice(device_type),
+        "rows": _rows_choice("gather_rows", device_type),
+        "triton": _kernels.TRITON_VERSION if _kernels is not None and _kernels.HAS_TRITON else None,
+        "triton_interpret": bool(_kernels is not None and _kernels.interpreting()),
+        "ext": "loaded" if _ext is not None else f"unavailable ({_EXT_ERROR})",
+        "ext_devices": [d for d in ("cpu", "cuda") if _ext is not None and _ext.has_kernel("gather_rows", d)],
+    }
+
+
 def pooled_router_logits(
     hidden: torch.Tensor,
     mask: torch.Tensor,
@@ -65,29 +242,77 @@ def pooled_router_logits(
     b1: torch.Tensor,
     w2: torch.Tensor,
     b2: torch.Tensor,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Router logits ``[B, 3]`` (float32) for one block and the whole batch.
 
     ``hidden`` is ``[B, T, H]`` (fp32/bf16/fp16), ``mask`` ``[B, T]`` marks the
     tokens to pool over (the prompt's real tokens, contiguous per row).
     The logits of the windows' means are averaged over the row's windows.
+
+    ``validate`` (fast path only): raise ``ValueError`` on a row without real
+    tokens, as the reference does. On CUDA this check synchronises; with
+    ``validate=False`` such a row gets NaN logits instead.
     """
+    if (
+        _pooling_choice(hidden.device.type) == "triton"
+        and not _compiling()
+        and not _grad_needed(hidden, w1, b1, w2, b2)
+        and _kernels.supports(hidden, mask, w1, w2)
+    ):
+        if num_windows < 1:
+            raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+        if validate and hidden.shape[0] > 0 and not bool((mask != 0).any(dim=1).all()):
+            raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
+        return _kernels.pooled_router_logits_triton(hidden, mask, num_windows, w1, b1, w2, b2)
     return pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2)
 
 
-def compact_rows(decisions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices (int64, ascending) that run pass one (decision >= 1) and pass two (== 2)."""
+def compact_rows_reference(decisions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`compact_rows`."""
     return (
         torch.nonzero(decisions >= 1).flatten(),
         torch.nonzero(decisions == 2).flatten(),
     )
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[index]`` as a new contiguous tensor."""
+def gather_rows_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`gather_rows`."""
     return x.index_select(0, index)
 
 
-def scatter_rows(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """A copy of ``base`` whose rows ``index`` are replaced by ``src``."""
+def scatter_rows_reference(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`scatter_rows`."""
     return base.index_copy(0, index, src)
+
+
+def compact_rows(decisions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (int64, ascending) that run pass one (decision >= 1) and pass two (== 2)."""
+    if decisions.dim() == 1 and _rows_choice("compact_rows", decisions.device.type) == "ext":
+        return torch.ops.drllm.compact_rows(decisions)
+    return compact_rows_reference(decisions)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[index]`` as a new contiguous tensor."""
+    if _rows_choice("gather_rows", x.device.type) == "ext" and not _grad_needed(x):
+        return torch.ops.drllm.gather_rows(x, index)
+    return gather_rows_reference(x, index)
+
+
+def scatter_rows(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """A copy of ``base`` whose rows ``index`` are replaced by ``src``.
+
+    With ``inplace=True`` the rows of ``base`` itself are replaced and ``base``
+    is returned (no copy of the other rows). ``index`` must not repeat a row.
+    """
+    op = "scatter_rows_" if inplace else "scatter_rows"
+    if _rows_choice(op, base.device.type) == "ext" and not _grad_needed(base, src):
+        if inplace:
+            torch.ops.drllm.scatter_rows_(base, index, src)
+            return base
+        return torch.ops.drllm.scatter_rows(base, index, src)
+    if inplace:
+        return base.index_copy_(0, index, src)
+    return scatter_rows_reference(base, index, src)
