@@ -56,7 +56,7 @@ _ANCHOR = re.compile(
     r"(?P<open>[(\[{]?)\s*" + _TOK + r"\s*(?P<close>[)\]}]?)",
     re.IGNORECASE,
 )
-_START = re.compile(r"^[\s*#>]*(?P<open>[(\[{]?)\s*" + _TOK + r"\s*(?P<close>[)\]}]?)(?P<rest>.*)", re.DOTALL)
+_START = re.compile(r"^[\s*#>]*(?P<open>[(\[{]?)\s*" + _TOK + r"\s*(?P<close>[)\]}]?)")
 _BRACKETED = re.compile(r"[(\[]\s*(?P<tok>[A-Za-z]|\d{1,2})\s*[)\]]")
 _BARE_UPPER = re.compile(r"(?<![A-Za-z0-9'])(?P<tok>[A-Z])(?![A-Za-z0-9'])(?P<after>\S?)")
 # words after a bare leading label that still make it an answer ("B because ...")
@@ -118,7 +118,7 @@ def extract_choice(
     m = _START.match(t)
     if m is not None and look(m.group("tok")) is not None:
         bracketed = bool(m.group("open") or m.group("close"))
-        if _accept(m.group("tok"), bracketed, m.group("rest")):
+        if _accept(m.group("tok"), bracketed, t[m.end("tok") :]):
             return look(m.group("tok"))
 
     # 4. bracketed labels anywhere, if they agree
