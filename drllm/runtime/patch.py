@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..paths import as_paths
+from ..paths import as_paths, default_path
 from ..routers import Routers
 from .adapters import describe
 from .cache import RoutedCache
@@ -26,6 +26,7 @@ class RoutingState:
     routers: Routers | None = None
     lam: float = 0.0
     forced: torch.Tensor | None = None
+    prefix: tuple | None = None  # (states entering each block on the default path, source row per row)
     observer: object = None
     call: Call | None = None
     last: torch.Tensor | None = None
@@ -101,33 +102,66 @@ def last_paths(model: nn.Module) -> torch.Tensor:
 
 
 @contextmanager
-def forced_paths(model: nn.Module, paths):
-    """Run forward calls and ``generate`` on the given paths, without routers.
-
-    ``paths`` is ``[B, L]`` (one row per batch row) or a single path for all
-    rows. An unpatched model is patched for the duration of the block.
-    """
-    info = describe(model)
-    forced = as_paths(paths, info.num_blocks)
+def _patched(model: nn.Module, **settings):
+    """Patch ``model`` if needed and set ``settings`` on its state for the duration of the block."""
     temporary = not is_patched(model)
     if temporary:
         patch(model)
     state = _state(model)
-    previous, state.forced = state.forced, forced
+    previous = {name: getattr(state, name) for name in settings}
+    for name, value in settings.items():
+        setattr(state, name, value)
     try:
         yield model
     finally:
-        state.forced = previous
+        for name, value in previous.items():
+            setattr(state, name, value)
         if temporary:
             unpatch(model)
+
+
+def forced_paths(model: nn.Module, paths, prefix=None):
+    """Run forward calls and ``generate`` on the given paths, without routers.
+
+    ``paths`` is ``[B, L]`` (one row per batch row) or a single path for all
+    rows. An unpatched model is patched for the duration of the block.
+
+    ``prefix=(states, sources)`` reuses work in cache-free forwards: ``states``
+    are the hidden states entering each block on the default path (from
+    :func:`block_states`) for some inputs, and row ``b`` of the batch is input
+    ``sources[b]``. Each row then starts at its first block whose decision is
+    not 1, from the stored state, instead of recomputing the shared blocks.
+    """
+    forced = as_paths(paths, describe(model).num_blocks)
+    if prefix is not None:
+        states, sources = prefix
+        prefix = (states, torch.as_tensor(sources, dtype=torch.int64))
+    return _patched(model, forced=forced, prefix=prefix)
+
+
+def observe(model: nn.Module, fn):
+    """Call ``fn(block, hidden)`` with the hidden state entering each block, during the block."""
+    return _patched(model, observer=fn)
+
+
+@torch.no_grad()
+def block_states(model: nn.Module, **inputs) -> list[torch.Tensor]:
+    """Hidden states entering each block when every block executes once (cache-free)."""
+    states = [None] * describe(model).num_blocks
+    with forced_paths(model, default_path(len(states))), observe(model, states.__setitem__):
+        model(**inputs, use_cache=False)
+    return states
 
 
 def _prefill_call(state: RoutingState, batch: int, pool_mask: torch.Tensor, device) -> Call:
     L = state.num_blocks
     if state.forced is not None:
         decisions = as_paths(state.forced, L, batch)
-        plan = [plan_block(decisions[:, i], device) for i in range(L)]
-        return Call(decisions, plan, observer=state.observer)
+        executed, inject = decisions, {}
+        if state.prefix is not None:
+            executed, inject = _prefix_plan(decisions, *state.prefix, device)
+        plan = [plan_block(executed[:, i], device) for i in range(L)]
+        return Call(decisions, plan, observer=state.observer, inject=inject)
     if state.routers is None:
         every = (PassPlan(ALL), PassPlan(0))
         return Call(torch.ones(batch, L, dtype=torch.int64), [every] * L, observer=state.observer)
@@ -139,6 +173,22 @@ def _prefill_call(state: RoutingState, batch: int, pool_mask: torch.Tensor, devi
         pool_mask=pool_mask,
         observer=state.observer,
     )
+
+
+def _prefix_plan(decisions: torch.Tensor, states: list, sources: torch.Tensor, device):
+    """Decisions to execute and states to inject so that each row starts at its first edit."""
+    batch, L = decisions.shape
+    if sources.shape != (batch,):
+        raise ValueError(f"prefix sources must give one input row per batch row ({batch}), got {tuple(sources.shape)}")
+    edited = decisions != 1
+    starts = torch.where(edited.any(1), edited.int().argmax(1), L - 1)
+    executed = decisions.masked_fill(torch.arange(L)[None] < starts[:, None], 0)
+    inject = {}
+    for block in starts.unique().tolist():
+        rows = torch.nonzero(starts == block).flatten()
+        src = states[block].index_select(0, sources[rows].to(states[block].device))
+        inject[block] = (None if len(rows) == batch else rows.to(device), src)
+    return executed, inject
 
 
 def _routed_model_forward(base: nn.Module, original, state: RoutingState):
@@ -172,6 +222,8 @@ def _routed_model_forward(base: nn.Module, original, state: RoutingState):
                 cache = RoutedCache.like(cache, base.config, state.num_blocks)
             elif cache is None and use_cache:
                 cache = RoutedCache.like(None, base.config, state.num_blocks)
+            if state.prefix is not None and cache is not None:
+                raise ValueError("prefix reuse is for cache-free forwards: pass use_cache=False")
             call = _prefill_call(state, batch, _pool_mask(kwargs.get("attention_mask"), routing_mask, batch, length, tokens.device), tokens.device)
         call.cache = cache
         if cache is not None:
