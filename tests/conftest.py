@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 97
+# Real benchmark data (ARC, GSM8K, MATH): $DRLLM_DATA_DIR, else ../shared/data beside the checkout.
+SHARED_DATA = Path(os.environ.get("DRLLM_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "arc_easy").is_dir(), reason=f"no benchmark data at {SHARED_DATA}"
+)
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 

@@ -1,0 +1,63 @@
+"""Options and output shared by every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..models import DEFAULT_MODEL
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"hub name or local path of the base model (default: the embedded {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding <task>/<split>.jsonl (default: $DRLLM_DATA_DIR, else the Hugging Face hub)",
+    )
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary figures as JSON")
+
+
+def load_model_from_args(args):
+    """``(model, tokenizer)`` for ``--model/--device/--dtype``."""
+    import torch
+
+    from ..models import load_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_model(args.model, dtype=dtype, device=args.device)
+
+
+def write_json_atomic(path: str | os.PathLike, payload) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-markdown table, readable in a terminal too."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
