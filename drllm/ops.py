@@ -14,7 +14,8 @@ a fast path when one applies and fall back to the reference otherwise:
 The reference is used whenever a fast path does not apply: gradients are
 required (the fast paths have no backward), torch.compile is tracing the
 pooling, the device or dtype is not supported, or the fast path is not
-installed. A missing or incompatible extension gives one warning at import.
+installed. A missing or incompatible extension gives one warning at import
+(none when ``DRLLM_NO_EXT=1`` is also set at run time: then it is not loaded).
 
 ``DRLLM_OPS_BACKEND`` (read at import; :func:`set_backend` changes it later)
 selects: ``auto`` (default), ``reference`` (PyTorch everywhere), ``triton``
