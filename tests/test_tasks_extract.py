@@ -199,3 +199,23 @@ def test_is_correct_dispatch():
     assert generation_rewards([arc, gsm, mth], ["B", "#### 7", "\\boxed{1/2}"]) == [1, 0, 1]
     with pytest.raises(ValueError):
         generation_rewards([arc], [])
+
+
+@pytest.mark.parametrize(
+    "fn, text",
+    [
+        (extract_choice, "answer" + " " * 20000 + "xyz"),
+        (extract_choice, "answer is" + " " * 5000 + ":" + " " * 5000 + "option" + " " * 5000 + "(" + " " * 5000 + "x"),
+        (extract_choice, " " * 20000 + "(" + " " * 20000 + "q"),
+        (extract_choice, "( " * 10000),
+        (extract_gsm8k_answer, "1," * 10000 + "x"),
+        (extract_math_answer, "\\boxed{" * 10000),
+        (extract_math_answer, "answer is" + " " * 20000 + ":" + " " * 20000),
+    ],
+)
+def test_extraction_is_linear_on_degenerate_text(fn, text):
+    import time
+
+    t = time.perf_counter()
+    fn(text)
+    assert time.perf_counter() - t < 2.0  # quadratic/cubic backtracking took > 10 s

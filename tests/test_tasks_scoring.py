@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from drllm.tasks import (
     Example,
     accuracy,
+    choice_requests,
     choice_scores_from_loglikelihoods,
     cloze_requests,
     encode_request,
@@ -317,3 +318,23 @@ def test_generate_answers_real_model_left_padding(model, tok):
         first = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
     full = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=1, do_sample=False, pad_token_id=0)
     assert int(full[0, -1]) == first
+
+
+def test_forward_hook_request_rows(model, tok):
+    reqs, owners, spans = choice_requests(EXAMPLES)
+    assert len(reqs) == 12 and owners == [0] * 4 + [1] * 3 + [2] * 5 and spans == [(0, 4), (4, 7), (7, 12)]
+    assert reqs[5] == cloze_requests(EXAMPLES[1])[0:1] + (" gas",)
+    seen = []
+
+    def hook(m, *, input_ids, attention_mask, routing_mask, rows):
+        for r, k in enumerate(rows):  # row r holds request k
+            n = int(attention_mask[r].sum())
+            seen.append((k, tok.decode(input_ids[r, :n].tolist())))
+        return m(input_ids=input_ids, attention_mask=attention_mask)
+
+    score_choices(model, tok, EXAMPLES, batch_size=5, forward=hook, rows="request")
+    assert sorted(k for k, _ in seen) == list(range(12))
+    for k, text in seen:
+        assert text == (reqs[k][0] + reqs[k][1])[:-1]
+    with pytest.raises(ValueError):
+        score_choices(model, tok, EXAMPLES, rows="batch")

@@ -134,32 +134,40 @@ class Example:
 # answer helpers for gold data
 
 
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each balanced ``{`` -> index of its ``}`` (one linear pass)."""
+    stack: list[int] = []
+    match: dict[int, int] = {}
+    for j, c in enumerate(text):
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            match[stack.pop()] = j
+    return match
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``,
     with nested braces; ``None`` if there is none or it is unbalanced.
     ``\\boxed 5`` (no braces) gives ``"5"``."""
     if not text:
         return None
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
+    starts = list(re.finditer(r"\\(?:boxed|fbox)\b *", text))
+    if not starts:
+        return None
+    match = None
     for m in reversed(starts):
         i = m.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                c = text[j]
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
+            if match is None:
+                match = _matching_braces(text)
+            if i in match:
+                return text[i + 1 : match[i]].strip()
             continue  # unbalanced: try an earlier one
         # "\boxed 5" form: up to the next space / $ / end
-        m2 = re.match(r"\s*([^\s$]+)", text[m.end() :])
+        m2 = re.match(r"[^\s$]+", text[i:])
         if m2:
-            return m2.group(1).strip()
+            return m2.group(0).strip()
     return None
 
 

@@ -49,14 +49,18 @@ def _label_map(labels: Sequence[str]) -> dict[str, int]:
 
 
 _TOK = r"(?P<tok>[A-Za-z]|\d{1,2})(?![A-Za-z0-9])"
+# Each run of separators is consumed by exactly one quantifier (no nested or
+# adjacent overlapping ones), so matching stays linear on long whitespace runs.
+_SEP = r"[\s*]*"
 _ANCHOR = re.compile(
-    r"\b(?:final\s+answer|(?:correct|right|best)\s+(?:answer|option|choice)|answer|option|choice)\b"
-    r"[\s*]*(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=)?[\s*]*[:\-=]?[\s*]*"
-    r"(?:(?:option|choice|letter)\s*)?"
-    r"(?P<open>[(\[{]?)\s*" + _TOK + r"\s*(?P<close>[)\]}]?)",
+    r"\b(?:final\s+answer|(?:correct|right|best)\s+(?:answer|option|choice)|answer|option|choice)\b" + _SEP
+    + r"(?:(?:is|would\s+be|should\s+be|will\s+be|must\s+be)\b" + _SEP + r")?"
+    + r"(?:[:\-=]" + _SEP + r")?"
+    + r"(?:(?:option|choice|letter)\b" + _SEP + r")?"
+    + r"(?:(?P<open>[(\[{])\s*)?" + _TOK + r"(?:\s*(?P<close>[)\]}]))?",
     re.IGNORECASE,
 )
-_START = re.compile(r"^[\s*#>]*(?P<open>[(\[{]?)\s*" + _TOK + r"\s*(?P<close>[)\]}]?)")
+_START = re.compile(r"^[\s*#>]*(?:(?P<open>[(\[{])\s*)?" + _TOK + r"(?:\s*(?P<close>[)\]}]))?")
 _BRACKETED = re.compile(r"[(\[]\s*(?P<tok>[A-Za-z]|\d{1,2})\s*[)\]]")
 _BARE_UPPER = re.compile(r"(?<![A-Za-z0-9'])(?P<tok>[A-Z])(?![A-Za-z0-9'])(?P<after>\S?)")
 # words after a bare leading label that still make it an answer ("B because ...")
@@ -232,7 +236,7 @@ def numbers_equal(pred: str | None, gold: str | None, rel_tol: float = 1e-6) -> 
 # --------------------------------------------------------------------------
 # MATH
 
-_ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:)\s*:?\s*(?P<ans>\$[^$]+\$|[^\n]+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is\b|:)(?:\s*:)?\s*(?P<ans>\$[^$]+\$|[^\n]+)", re.IGNORECASE)
 
 
 def extract_math_answer(text: str) -> str | None:

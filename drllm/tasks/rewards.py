@@ -36,6 +36,7 @@ __all__ = [
     "encode_request",
     "loglikelihood",
     "score_choices",
+    "choice_requests",
     "choice_scores_from_loglikelihoods",
     "generate_answers",
     "generation_rewards",
@@ -272,6 +273,26 @@ def choice_scores_from_loglikelihoods(
     )
 
 
+def choice_requests(
+    examples: Sequence[Example], tokenizer: Any = None, *, style: Style = "plain"
+) -> tuple[list[tuple[str, str]], list[int], list[tuple[int, int]]]:
+    """The flat cloze requests of multiple-choice ``examples``: ``(requests,
+    owners, spans)`` where ``requests[k]`` is a ``(context, continuation)``
+    pair, ``owners[k]`` its example's index and ``requests[a:b]`` with
+    ``(a, b) = spans[i]`` are example ``i``'s choices in order."""
+    requests: list[tuple[str, str]] = []
+    owners: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for e_idx, ex in enumerate(examples):
+        if ex.gold_index is None or not ex.choices:
+            raise ValueError(f"example {ex.id!r} ({ex.task}) is not multiple choice")
+        ctx, conts = cloze_requests(ex, tokenizer, style=style)
+        spans.append((len(requests), len(requests) + len(conts)))
+        requests.extend((ctx, c) for c in conts)
+        owners.extend([e_idx] * len(conts))
+    return requests, owners, spans
+
+
 def score_choices(
     model: Any,
     tokenizer: Any,
@@ -282,6 +303,7 @@ def score_choices(
     normalize: Normalize = "chars",
     style: Style = "plain",
     forward: ForwardHook | None = None,
+    rows: Literal["example", "request"] = "example",
     max_length: int | None = None,
     add_special_tokens: bool = False,
     device: Any = None,
@@ -295,21 +317,16 @@ def score_choices(
     together. ``normalize``: ``"chars"`` divides by the choice text's length
     in characters (lm-eval acc_norm), ``"bytes"`` by its UTF-8 length,
     ``"tokens"`` by its token count, ``"none"`` not at all (lm-eval acc).
-    ``forward`` hooks get ``rows`` = the index in ``examples`` of each row.
+    A ``forward`` hook gets ``rows=``: for each batch row the index in
+    ``examples`` of its example (``rows="example"``, e.g. to pick per-example
+    paths) or its index in :func:`choice_requests` (``rows="request"``).
     Other arguments as :func:`loglikelihood`.
     """
     if normalize not in ("chars", "bytes", "tokens", "none"):
         raise ValueError(f"normalize must be 'chars', 'bytes', 'tokens' or 'none', got {normalize!r}")
-    requests: list[tuple[str, str]] = []
-    owners: list[int] = []
-    spans: list[tuple[int, int]] = []
-    for e_idx, ex in enumerate(examples):
-        if ex.gold_index is None or not ex.choices:
-            raise ValueError(f"example {ex.id!r} ({ex.task}) is not multiple choice")
-        ctx, conts = cloze_requests(ex, tokenizer, style=style)
-        spans.append((len(requests), len(requests) + len(conts)))
-        requests.extend((ctx, c) for c in conts)
-        owners.extend([e_idx] * len(conts))
+    if rows not in ("example", "request"):
+        raise ValueError(f"rows must be 'example' or 'request', got {rows!r}")
+    requests, owners, spans = choice_requests(examples, tokenizer, style=style)
     lls, ntok = loglikelihood(
         model,
         tokenizer,
@@ -317,7 +334,7 @@ def score_choices(
         batch_size=batch_size,
         routing_mask=routing_mask,
         forward=forward,
-        row_ids=owners,
+        row_ids=owners if rows == "example" else None,
         max_length=max_length,
         add_special_tokens=add_special_tokens,
         device=device,
