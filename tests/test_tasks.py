@@ -4,7 +4,6 @@ resolution, errors, prompts."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -169,7 +168,7 @@ def fake_hub(monkeypatch):
         if name == "allenai/ai2_arc":
             return [ARC_HF]
         if name == "EleutherAI/hendrycks_math":
-            return [dict(MATH, id=None) if False else {k: v for k, v in MATH.items() if k != "id"}]
+            return [{k: v for k, v in MATH.items() if k != "id"}]
         raise ConnectionError("no network")
 
     module.load_dataset = load_dataset
