@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules in drllm.commands, in the order ``--help`` lists them.
-COMMANDS = ["generate"]
+COMMANDS = ["search", "generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
