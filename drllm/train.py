@@ -1,0 +1,644 @@
+"""Router training from searched paths: teacher forcing on cached features.
+
+The base model is frozen and execution is teacher-forced along each
+example's labelled path (``best_path`` of the search's JSONL), so the hidden
+state entering every block along that path is a fixed function of the
+example. Router ``i`` only ever sees it through the windowed means of the
+prompt's tokens (:func:`drllm.ops.window_means`), so those means
+``[L, num_windows, H]`` are computed once per example (one batched forward,
+several prompts per forward, right padding, padding excluded from the
+pooling), cached on disk, and the routers are trained on the cache:
+
+- loss: focal loss (gamma 2) with effective-number class weights (beta 0.999)
+  computed from the training labels of all blocks together;
+- AdamW (lr 1e-3, weight decay 0.01), linear warmup then cosine decay, per step;
+- a seeded validation split; per epoch, per-layer accuracy, per-class
+  precision / recall / F1, macro F1 and mean predicted path length;
+- a checkpoint per epoch (routers, optimizer, scheduler, history), written to a
+  temporary folder renamed into place, so an interrupted run resumes from the
+  last complete epoch and ends with exactly the routers of an uninterrupted run.
+
+The router logits used in training are those of inference: for each block the
+router MLP is applied to every valid window mean and the logits are averaged
+(:func:`drllm.ops.pooled_router_logits_reference`), computed for all blocks
+at once with batched matrix products.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .paths import path_from_str
+from .routers import Routers
+from .runtime.adapters import describe
+
+__all__ = [
+    "TrainConfig",
+    "train_routers",
+    "load_path_records",
+    "extract_features",
+    "class_weights",
+    "focal_loss",
+    "batched_router_logits",
+    "classification_metrics",
+    "CLASS_NAMES",
+]
+
+CLASS_NAMES = ("skip", "execute", "repeat")
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "train_metrics.json"
+CONFIG_NAME = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping of :func:`train_routers`.
+
+    ``batch_size`` counts examples per optimisation step (each example gives
+    one label per block). ``warmup_ratio`` is the fraction of all steps spent
+    in the linear warmup; the cosine then decays to ``min_lr_ratio * lr``.
+    ``extract_batch_size`` prompts go through the base model per forward.
+    ``cache_dtype`` (``float16`` or ``float32``) is how the window means are
+    stored; ``cache_dir`` defaults to ``<out_dir>/cache``. With ``resume``,
+    a run whose ``out_dir`` holds a checkpoint of the same configuration and
+    data continues from it; without, it starts over. ``limit`` keeps the
+    first N usable records.
+    """
+
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    gamma: float = 2.0
+    beta: float = 0.999
+    val_fraction: float = 0.1
+    seed: int = 0
+    num_windows: int = 8
+    router_hidden: int = 128
+    extract_batch_size: int = 16
+    cache_dtype: str = "float16"
+    cache_dir: str | None = None
+    resume: bool = True
+    progress: bool = True
+    keep_checkpoints: int = 1
+    limit: int | None = None
+    device: str = "cpu"
+
+    # fields that do not change the training trajectory (may differ on resume)
+    _BOOKKEEPING = ("extract_batch_size", "cache_dir", "resume", "progress", "keep_checkpoints", "device")
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.extract_batch_size < 1:
+            raise ValueError("epochs, batch_size and extract_batch_size must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if self.cache_dtype not in ("float16", "float32"):
+            raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def signature(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._BOOKKEEPING}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = None) -> tuple[list[dict], int]:
+    """Usable records of a search JSONL file and the number skipped (``best_path`` null).
+
+    Each kept record has a ``prompt`` and a ``best_path`` string of one digit
+    per block; a path of the wrong length for ``num_blocks`` is an error.
+    """
+    records, skipped = [], 0
+    with open(paths_file) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{paths_file}:{line_no}: not JSON ({err})") from None
+            if rec.get("best_path") is None:
+                skipped += 1
+                continue
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+                raise ValueError(f"{paths_file}:{line_no}: record without a non-empty 'prompt'")
+            path = rec["best_path"]
+            try:
+                path_from_str(path)
+            except (ValueError, TypeError):
+                raise ValueError(f"{paths_file}:{line_no}: invalid best_path {path!r}") from None
+            if num_blocks is not None and len(path) != num_blocks:
+                raise ValueError(
+                    f"{paths_file}:{line_no}: best_path has {len(path)} decisions but the model has "
+                    f"{num_blocks} blocks (were these paths searched on another model?)"
+                )
+            records.append(rec)
+    return records, skipped
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights: config, names, shapes, dtypes, a strided sample and a sum."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode() if hasattr(config, "to_json_string") else b"")
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            if flat.numel():
+                step = max(1, flat.numel() // 4096)
+                digest.update(flat[::step].float().cpu().numpy().tobytes())
+                digest.update(repr(float(flat.double().sum())).encode())
+    return digest.hexdigest()
+
+
+def _feature_key(fingerprint: str, token_ids: Sequence[int], path: str, num_windows: int) -> str:
+    payload = json.dumps([fingerprint, list(map(int, token_ids)), path, int(num_windows)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    # The routing context as the routers see it: the prompt's tokens, no special tokens added
+    # (as drllm.tasks encodes a cloze context and a chat prompt).
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+class FeatureCache:
+    """Window means on disk: shard files ``features-*.safetensors`` in one folder.
+
+    Each example is stored under its key as ``<key>`` (``[L, W, H]``) and
+    ``<key>.valid`` (``[W]``, uint8). Shards are written through a temporary
+    file and a rename, so a crash never leaves half a shard.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.index: dict[str, Path] = {}
+        from safetensors import safe_open
+
+        for shard in sorted(self.directory.glob("features-*.safetensors")):
+            try:
+                with safe_open(str(shard), "pt") as f:
+                    for k in f.keys():
+                        if not k.endswith(".valid"):
+                            self.index[k] = shard
+            except Exception:  # a foreign or damaged file: ignore it, its examples are recomputed
+                continue
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def write(self, items: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        if not items:
+            return
+        tensors = {}
+        for key, (means, valid) in items.items():
+            tensors[key] = means.contiguous()
+            tensors[key + ".valid"] = valid.to(torch.uint8).contiguous()
+        name = hashlib.sha256("".join(sorted(items)).encode()).hexdigest()[:24]
+        shard = self.directory / f"features-{name}.safetensors"
+        tmp = self.directory / f".features-{name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, shard)
+        for key in items:
+            self.index[key] = shard
+
+    def load(self, keys: Sequence[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``[N, L, W, H]`` means (``dtype``) and ``[N, W]`` validity of ``keys``."""
+        from safetensors import safe_open
+
+        by_shard: dict[Path, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_shard.setdefault(self.index[k], []).append(i)
+        means: list[torch.Tensor | None] = [None] * len(keys)
+        valid: list[torch.Tensor | None] = [None] * len(keys)
+        for shard, idx in by_shard.items():
+            with safe_open(str(shard), "pt") as f:
+                for i in idx:
+                    means[i] = f.get_tensor(keys[i]).to(dtype)
+                    valid[i] = f.get_tensor(keys[i] + ".valid").to(torch.bool)
+        if not keys:
+            raise ValueError("no examples to load")
+        return torch.stack(means), torch.stack(valid)
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    token_ids: Sequence[Sequence[int]],
+    paths: torch.Tensor,
+    num_windows: int,
+    *,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+):
+    """Window means of the hidden state entering every block along each row's path.
+
+    ``token_ids[i]`` is prompt ``i`` and ``paths[i]`` its path (``[N, L]``).
+    Prompts are sorted by length and run ``batch_size`` at a time, right
+    padded (a real token never attends to padding), through the decoder
+    blocks only (no LM head) under :func:`drllm.forced_paths`; the states
+    entering each block come from :func:`drllm.observe` and are pooled at
+    once. Yields ``(indices, means [B, L, W, H] float32, valid [B, W])``.
+    """
+    from .runtime.patch import forced_paths, observe
+
+    info = describe(model)
+    base = info.base
+    L = info.num_blocks
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(token_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            toks = token_ids[i]
+            if not toks:
+                raise ValueError("empty prompt: it encodes to no tokens")
+            ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[r, : len(toks)] = 1
+        ids, mask = ids.to(info.device), mask.to(info.device)
+        means = [None] * L
+        valid = []
+
+        def pool(block, hidden):
+            m, v = ops.window_means(hidden, mask, num_windows)
+            means[block] = m.cpu()
+            if not valid:
+                valid.append(v.cpu())
+
+        with forced_paths(model, paths[idx]), observe(model, pool):
+            base(input_ids=ids, attention_mask=mask, use_cache=False)
+        if any(m is None for m in means):
+            raise RuntimeError("the observer did not see every block: is the model patched by another tool?")
+        yield idx, torch.stack(means, dim=1), valid[0]
+        if progress is not None:
+            progress(len(idx))
+
+
+# --------------------------------------------------------------------------- loss and metrics
+
+
+def class_weights(labels: torch.Tensor, beta: float = 0.999, num_classes: int = 3) -> torch.Tensor:
+    """Effective-number class weights (Cui et al., 2019) of integer ``labels``.
+
+    ``w_c = (1 - beta) / (1 - beta ** n_c)`` for a class seen ``n_c > 0``
+    times, 0 for an unseen class; rescaled so the weights of the seen classes
+    sum to their number (1 each when balanced).
+    """
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).double()
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    seen = counts > 0
+    w[seen] = (1.0 - beta) / (1.0 - beta ** counts[seen])
+    if seen.any():
+        w = w * (seen.sum() / w.sum())
+    return w.float()
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None, gamma: float = 2.0):
+    """Mean over items of ``-w[y] * (1 - p_y) ** gamma * log p_y`` (``logits [M, C]``, ``targets [M]``)."""
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.long()[:, None]).squeeze(-1)
+    loss = -((1.0 - logp.exp()).clamp(min=0.0) ** gamma) * logp
+    if weights is not None:
+        loss = loss * weights.to(loss.device)[targets.long()]
+    return loss.mean()
+
+
+def _stacked(routers: Routers):
+    m = routers.mlps
+    w1 = torch.stack([r.fc1.weight for r in m])  # [L, h, H]
+    b1 = torch.stack([r.fc1.bias for r in m])  # [L, h]
+    w2 = torch.stack([r.fc2.weight for r in m])  # [L, 3, h]
+    b2 = torch.stack([r.fc2.bias for r in m])  # [L, 3]
+    return w1, b1, w2, b2
+
+
+def batched_router_logits(routers: Routers, means: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Router logits ``[B, L, 3]`` of every block from window means ``[B, L, W, H]`` and validity ``[B, W]``.
+
+    Equal to ``routers.logits(i, hidden, mask)`` for the hidden state whose
+    window means these are (the mean of the MLP's logits over valid windows).
+    """
+    B, L, W, H = means.shape
+    w1, b1, w2, b2 = _stacked(routers)
+    x = means.float().permute(1, 0, 2, 3).reshape(L, B * W, H)
+    h = F.gelu(torch.baddbmm(b1[:, None, :], x, w1.transpose(1, 2)), approximate="tanh")
+    out = torch.baddbmm(b2[:, None, :], h, w2.transpose(1, 2)).reshape(L, B, W, 3)
+    v = valid.to(out.dtype)[None, :, :, None]  # [1, B, W, 1]
+    return ((out * v).sum(dim=2) / v.sum(dim=2)).transpose(0, 1)
+
+
+def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, loss: float | None = None) -> dict:
+    """Per-layer accuracy, per-class precision/recall/F1, macro F1, path lengths of ``[N, L]`` decisions.
+
+    Macro F1 averages the classes that occur in the labels or the
+    predictions; a class with no predictions has precision 0.
+    """
+    pred, labels = pred.long(), labels.long()
+    per_layer = (pred == labels).float().mean(dim=0)
+    per_class = {}
+    f1s = []
+    for c, name in enumerate(CLASS_NAMES):
+        tp = int(((pred == c) & (labels == c)).sum())
+        npred, support = int((pred == c).sum()), int((labels == c).sum())
+        precision = tp / npred if npred else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": npred}
+        if support or npred:
+            f1s.append(f1)
+    out = {
+        "accuracy": float((pred == labels).float().mean()),
+        "per_layer_accuracy": [round(float(a), 6) for a in per_layer],
+        "min_layer_accuracy": float(per_layer.min()),
+        "per_class": per_class,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "mean_pred_length": float(pred.sum(dim=1).float().mean()),
+        "mean_label_length": float(labels.sum(dim=1).float().mean()),
+        "examples": int(labels.shape[0]),
+    }
+    if loss is not None:
+        out["loss"] = loss
+    return out
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    root = out_dir / CHECKPOINTS
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith("epoch-") and (d / STATE_NAME).is_file():
+                try:
+                    found.append((int(d.name[len("epoch-") :]), d))
+                except ValueError:
+                    pass
+    return sorted(found)
+
+
+def _save_checkpoint(out_dir: Path, epoch: int, routers: Routers, state: dict, keep: int) -> Path:
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{epoch:04d}"
+    tmp = root / f".epoch-{epoch:04d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    routers.save_pretrained(tmp)
+    torch.save(state, tmp / STATE_NAME)
+    if final.exists():  # a leftover of an earlier run being overwritten
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # the folder appears complete, or not at all
+    for _, old in _checkpoint_dirs(out_dir)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def _tqdm(progress: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not progress, dynamic_ncols=True, **kwargs)
+
+
+def train_routers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    paths_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config: TrainConfig | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train routers for ``model`` from the labelled paths in ``paths_file``; write them to ``out_dir``.
+
+    Records whose ``best_path`` is null are skipped. Features are read from
+    (or added to) the cache, then ``config.epochs`` epochs run on it. After
+    each epoch a checkpoint is written and ``callback(epoch, metrics)`` is
+    called (1-based epoch; an exception there interrupts the run, which a
+    later call with ``config.resume`` continues). The final routers go to
+    ``out_dir`` (:meth:`Routers.save_pretrained`), the metrics history to
+    ``out_dir/train_metrics.json``.
+
+    Returns a dict: ``history`` (per epoch: ``lr``, ``train`` and ``val``
+    metrics from :func:`classification_metrics`), ``final`` (the last
+    entry), counts (``records``, ``skipped``, ``train``, ``val``), the label
+    ``class_counts`` and ``class_weights``, ``extract`` (cache hits, computed,
+    seconds), ``train_seconds``, ``resumed_from`` (epoch or None).
+    """
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = describe(model)
+    L = info.num_blocks
+
+    records, skipped = load_path_records(paths_file, L)
+    if config.limit is not None:
+        records = records[: config.limit]
+    if not records:
+        raise ValueError(f"{paths_file}: no record with a best_path to learn from ({skipped} without one)")
+
+    # ---- features (cached)
+    t0 = time.perf_counter()
+    fingerprint = model_fingerprint(model)
+    token_ids = [_encode_prompt(tokenizer, r["prompt"]) for r in records]
+    keys = [_feature_key(fingerprint, t, r["best_path"], config.num_windows) for t, r in zip(token_ids, records)]
+    cache = FeatureCache(config.cache_dir or out_dir / "cache")
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
+    if missing:
+        paths = torch.stack([path_from_str(records[i]["best_path"]) for i in missing])
+        bar = _tqdm(config.progress, total=len(missing), desc="features", unit="ex")
+        was_training = model.training
+        model.eval()
+        try:
+            for idx, means, valid in extract_features(
+                model, [token_ids[i] for i in missing], paths, config.num_windows,
+                batch_size=config.extract_batch_size, progress=bar.update,
+            ):
+                stored = means.to(getattr(torch, config.cache_dtype))
+                if not torch.isfinite(stored).all():
+                    raise ValueError(
+                        f"hidden-state means overflow {config.cache_dtype}: use TrainConfig(cache_dtype='float32')"
+                    )
+                cache.write({keys[missing[j]]: (stored[r], valid[r]) for r, j in enumerate(idx)})
+        finally:
+            model.train(was_training)
+            bar.close()
+    extract = {"examples": len(records), "cached": len(records) - len(missing), "computed": len(missing),
+               "seconds": time.perf_counter() - t0}
+
+    dtype = getattr(torch, config.cache_dtype)
+    means, valid = cache.load(keys, dtype)
+    labels = torch.stack([path_from_str(r["best_path"]) for r in records])  # [N, L]
+    train_idx, val_idx = _split(len(records), config.val_fraction, config.seed)
+    tr = torch.tensor(train_idx)
+    va = torch.tensor(val_idx, dtype=torch.long)
+    device = torch.device(config.device)
+    counts = torch.bincount(labels[tr].reshape(-1), minlength=3)
+    weights = class_weights(labels[tr], config.beta).to(device)
+
+    # ---- model, optimiser, schedule
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        routers = Routers(info.model_type, info.hidden_size, L, config.num_windows, config.router_hidden)
+    routers.to(device).train()
+    optimizer = torch.optim.AdamW(routers.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(round(config.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, config.min_lr_ratio))
+
+    data_id = hashlib.sha256(json.dumps([keys, train_idx]).encode()).hexdigest()
+    signature = {"config": config.signature(), "data": data_id, "model": fingerprint}
+    history: list[dict] = []
+    start_epoch = 0
+    resumed_from = None
+    existing = _checkpoint_dirs(out_dir)
+    if existing and config.resume:
+        epoch, ckpt = existing[-1]
+        state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
+        if state["signature"] != signature:
+            changed = [k for k in signature if state["signature"].get(k) != signature[k]]
+            raise ValueError(
+                f"{ckpt} was written by a run with another {' and '.join(changed)}; "
+                "pass resume=False (drllm train --no-resume) to start over, or use another output folder"
+            )
+        loaded = Routers.from_pretrained(ckpt, device=device)
+        routers.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = resumed_from = epoch
+    _write_json(out_dir / CONFIG_NAME, {**asdict(config), "paths_file": str(paths_file)})
+
+    # ---- epochs
+    t1 = time.perf_counter()
+    bar = _tqdm(config.progress, total=config.epochs, initial=start_epoch, desc="train", unit="epoch")
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            routers.train()
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            order = tr[torch.randperm(len(tr), generator=g)]
+            preds, seen, total_loss = [], [], 0.0
+            lr = optimizer.param_groups[0]["lr"]
+            for s in range(steps_per_epoch):
+                b = order[s * config.batch_size : (s + 1) * config.batch_size]
+                x = means[b].to(device, torch.float32)
+                y = labels[b].to(device)
+                logits = batched_router_logits(routers, x, valid[b].to(device))
+                loss = focal_loss(logits.reshape(-1, 3), y.reshape(-1), weights, config.gamma)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total_loss += float(loss.detach()) * len(b)
+                preds.append(logits.detach().argmax(-1).cpu())
+                seen.append(b)
+            train_m = classification_metrics(torch.cat(preds), labels[torch.cat(seen)], total_loss / len(tr))
+            val_m = _evaluate_split(routers, means, valid, labels, va, weights, config, device)
+            entry = {"epoch": epoch + 1, "lr": lr, "train": train_m, "val": val_m}
+            history.append(entry)
+            state = {
+                "epoch": epoch + 1,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "signature": signature,
+            }
+            _save_checkpoint(out_dir, epoch + 1, routers, state, config.keep_checkpoints)
+            _write_json(out_dir / METRICS_NAME, history)
+            shown = val_m if val_m else train_m
+            bar.set_postfix(loss=f"{train_m['loss']:.4f}", acc=f"{shown['accuracy']:.3f}",
+                            f1=f"{shown['macro_f1']:.3f}", len=f"{shown['mean_pred_length']:.1f}")
+            bar.update(1)
+            if callback is not None:
+                callback(epoch + 1, entry)
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t1
+
+    routers.cpu().save_pretrained(out_dir)
+    return {
+        "out_dir": str(out_dir),
+        "records": len(records),
+        "skipped": skipped,
+        "train": len(train_idx),
+        "val": len(val_idx),
+        "num_blocks": L,
+        "class_counts": {n: int(c) for n, c in zip(CLASS_NAMES, counts)},
+        "class_weights": {n: float(w) for n, w in zip(CLASS_NAMES, weights.cpu())},
+        "extract": extract,
+        "train_seconds": train_seconds,
+        "resumed_from": resumed_from,
+        "history": history,
+        "final": history[-1] if history else None,
+    }
+
+
+@torch.no_grad()
+def _evaluate_split(routers, means, valid, labels, idx, weights, config, device) -> dict | None:
+    if len(idx) == 0:
+        return None
+    routers.eval()
+    preds, total = [], 0.0
+    for s in range(0, len(idx), max(config.batch_size, 256)):
+        b = idx[s : s + max(config.batch_size, 256)]
+        logits = batched_router_logits(routers, means[b].to(device, torch.float32), valid[b].to(device))
+        total += float(focal_loss(logits.reshape(-1, 3), labels[b].to(device).reshape(-1), weights, config.gamma)) * len(b)
+        preds.append(logits.argmax(-1).cpu())
+    routers.train()
+    return classification_metrics(torch.cat(preds), labels[idx], total / len(idx))

@@ -1,0 +1,224 @@
+"""Router training: loss, class weights, features, learning a prompt-dependent policy, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from tiny_tokenizer import make_tiny_tokenizer
+
+import drllm
+from drllm import ops
+from drllm.train import (
+    TrainConfig,
+    batched_router_logits,
+    class_weights,
+    classification_metrics,
+    extract_features,
+    focal_loss,
+    load_path_records,
+    train_routers,
+)
+
+L = 4
+# Three "topics" of prompt text, each with its own labelled path: the policy depends on the prompt.
+TOPICS = {
+    "abcdefghij": "1021",
+    "0123456789": "2110",
+    "+-*/=<>()[]": "0112",
+}
+
+
+def synthetic_records(n: int, seed: int = 0, null_every: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    topics = list(TOPICS)
+    out = []
+    for i in range(n):
+        alphabet = topics[i % len(topics)]
+        prompt = "".join(rng.choice(alphabet + "  ") for _ in range(rng.randint(6, 24))).strip() or alphabet[0]
+        path = TOPICS[alphabet]
+        if null_every and i % null_every == null_every - 1:
+            path = None
+        out.append({
+            "id": f"syn-{i}", "task": "synthetic", "prompt": prompt, "gold": "A", "num_blocks": L,
+            "default_reward": 1.0, "default_margin": 0.1, "best_path": path, "best_reward": 1.0,
+            "best_margin": 0.2, "best_length": None if path is None else sum(map(int, path)),
+            "good_paths": [] if path is None else [{"path": path, "reward": 1.0, "margin": 0.2,
+                                                     "length": sum(map(int, path))}],
+            "evaluations": 10, "seconds": 0.1,
+        })
+    return out
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls: intra-op threads only contend on a shared 2-core machine (20x slower under load)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    return tiny_model("llama", seed=3, num_layers=L), make_tiny_tokenizer()
+
+
+def test_class_weights_hand_computed():
+    labels = torch.tensor([[0, 0, 1], [0, 1, 1], [0, 0, 0]])  # counts: 6, 3, 0
+    beta = 0.9
+    w0, w1 = (1 - beta) / (1 - beta**6), (1 - beta) / (1 - beta**3)
+    scale = 2 / (w0 + w1)
+    got = class_weights(labels, beta)
+    torch.testing.assert_close(got, torch.tensor([w0 * scale, w1 * scale, 0.0]), rtol=1e-6, atol=1e-7)
+    # beta -> 0: every seen class weighs 1; the paper's beta 0.999 favours the rare class
+    torch.testing.assert_close(class_weights(labels, 0.0), torch.tensor([1.0, 1.0, 0.0]))
+    w = class_weights(torch.tensor([0] * 900 + [1] * 90 + [2] * 10), 0.999)
+    assert w[2] > w[1] > w[0] and math.isclose(float(w.sum()), 3.0, rel_tol=1e-6)
+
+
+def test_focal_loss_hand_computed():
+    logits = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 2.0, 1.0], [6.0, 1.0, 1.0]]))  # p = .25 .5 .25 / .75 ...
+    targets = torch.tensor([1, 0, 0])
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    by_hand = [
+        2.0 * (1 - 0.5) ** 2 * -math.log(0.5),
+        0.5 * (1 - 0.25) ** 2 * -math.log(0.25),
+        0.5 * (1 - 0.75) ** 2 * -math.log(0.75),
+    ]
+    got = focal_loss(logits, targets, weights, gamma=2.0)
+    assert math.isclose(float(got), sum(by_hand) / 3, rel_tol=1e-6)
+    # gamma 0 without weights is the cross-entropy
+    torch.testing.assert_close(focal_loss(logits, targets, None, gamma=0.0), F.cross_entropy(logits, targets))
+
+
+def test_batched_logits_equal_router_logits():
+    torch.manual_seed(0)
+    routers = drllm.Routers("llama", 16, 3, num_windows=4)
+    hidden = torch.randn(5, 11, 16)
+    mask = torch.ones(5, 11, dtype=torch.long)
+    for b, n in enumerate([11, 7, 3, 1, 5]):
+        mask[b, n:] = 0
+    means, valid = ops.window_means(hidden, mask, 4)
+    got = batched_router_logits(routers, means[:, None].expand(5, 3, 4, 16), valid)
+    for i in range(3):
+        torch.testing.assert_close(got[:, i], routers.logits(i, hidden, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_features_follow_the_labelled_path_and_ignore_batching(setup):
+    model, tok = setup
+    prompts = [tok("abc def")["input_ids"], tok("0123")["input_ids"], tok("x")["input_ids"]]
+    paths = torch.tensor([[1, 0, 2, 1], [2, 1, 1, 0], [0, 0, 1, 1]])
+    batched = {}
+    for idx, means, valid in extract_features(model, prompts, paths, 8, batch_size=3):
+        for r, i in enumerate(idx):
+            batched[i] = (means[r], valid[r])
+    for i, toks in enumerate(prompts):
+        seen = {}
+        ids = torch.tensor([toks])
+        with drllm.forced_paths(model, paths[i]), drllm.observe(model, lambda b, h: seen.__setitem__(b, h.clone())):
+            model(input_ids=ids, use_cache=False)
+        for block in range(L):
+            means, valid = ops.window_means(seen[block], torch.ones_like(ids), 8)
+            torch.testing.assert_close(batched[i][0][block], means[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(batched[i][1], valid[0])
+    assert int(batched[2][1].sum()) == 1  # one token: one window
+
+
+def test_records_skip_null_and_check_length(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", synthetic_records(9, null_every=3))
+    records, skipped = load_path_records(f, L)
+    assert (len(records), skipped) == (6, 3)
+    with pytest.raises(ValueError, match="model has 5 blocks"):
+        load_path_records(f, 5)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(epochs=6, batch_size=16, val_fraction=0.2, progress=False, cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_learns_prompt_dependent_policy(setup, tmp_path):
+    model, tok = setup
+    records = synthetic_records(150, seed=1)
+    f = write_jsonl(tmp_path / "paths.jsonl", records)
+    result = train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=25, lr=3e-3))
+    val = result["final"]["val"]
+    assert result["val"] == 30 and result["train"] == 120
+    assert min(val["per_layer_accuracy"]) >= 0.95, val["per_layer_accuracy"]
+    assert val["macro_f1"] >= 0.95
+    assert set(val["per_class"]) == {"skip", "execute", "repeat"}
+    # the trained routers drive inference to the labelled paths (teacher forcing = inference semantics)
+    routers = drllm.Routers.from_pretrained(tmp_path / "routers")
+    drllm.patch(model, routers)
+    try:
+        hits = total = 0
+        for r in records[:60]:
+            ids = torch.tensor([tok(r["prompt"])["input_ids"]])
+            model(input_ids=ids, use_cache=False)
+            got = drllm.last_paths(model)[0].tolist()
+            hits += sum(int(a == int(b)) for a, b in zip(got, r["best_path"]))
+            total += L
+    finally:
+        drllm.unpatch(model)
+    assert hits / total >= 0.95
+    # a second run finds every feature in the cache
+    again = train_routers(model, tok, f, tmp_path / "again", config=_cfg(tmp_path, epochs=1))
+    assert again["extract"]["computed"] == 0 and again["extract"]["cached"] == 150
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(setup, tmp_path):
+    model, tok = setup
+    f = write_jsonl(tmp_path / "paths.jsonl", synthetic_records(60, seed=2, null_every=7))
+    full = train_routers(model, tok, f, tmp_path / "full", config=_cfg(tmp_path))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(epoch, metrics):
+        if epoch == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path), callback=stop_at_3)
+    ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert ckpts == ["epoch-0003"]  # atomic folders only, older ones pruned
+    # round trip: the checkpoint's routers load as saved
+    saved = drllm.Routers.from_pretrained(tmp_path / "part" / "checkpoints" / "epoch-0003")
+    assert saved.config["num_blocks"] == L
+    resumed = train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path))
+    assert resumed["resumed_from"] == 3
+    assert resumed["history"] == full["history"]
+    a = drllm.Routers.from_pretrained(tmp_path / "full").state_dict()
+    b = drllm.Routers.from_pretrained(tmp_path / "part").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "part" / "train_metrics.json").read_text()) == full["history"]
+    # a different configuration refuses to resume; --no-resume starts over
+    with pytest.raises(ValueError, match="another config"):
+        train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path, lr=5e-4))
+    fresh = train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path, lr=5e-4, epochs=1, resume=False))
+    assert fresh["resumed_from"] is None and len(fresh["history"]) == 1
+
+
+def test_classification_metrics_by_hand():
+    labels = torch.tensor([[0, 1, 2], [1, 1, 1]])
+    pred = torch.tensor([[0, 1, 1], [1, 2, 1]])
+    m = classification_metrics(pred, labels)
+    assert m["per_layer_accuracy"] == [1.0, 0.5, 0.5]
+    assert m["per_class"]["skip"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1, "predicted": 1}
+    ex = m["per_class"]["execute"]  # tp 3, predicted 4, support 4
+    assert (ex["precision"], ex["recall"]) == (0.75, 0.75)
+    assert m["per_class"]["repeat"]["f1"] == 0.0
+    assert math.isclose(m["macro_f1"], (1.0 + 0.75 + 0.0) / 3)
+    assert m["mean_pred_length"] == 3.0 and m["mean_label_length"] == 3.0
