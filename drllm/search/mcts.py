@@ -13,9 +13,12 @@ gains a new child while it has fewer than ``ceil(widen_c * N ** widen_alpha)``
 children (progressive widening), so with a few dozen simulations the search
 goes deep instead of only listing the root's ~3L edits.
 
-One simulation = one selection that ends by adding a new node, whose path is
-evaluated; its reward (1 correct / 0 wrong) is backed up along the selection
-path. ``batch`` selections are made before evaluating (each selection counts
+Nodes are keyed by path: an action leading to a path already in the tree
+links that node as a child (transpositions share one node, so the tree is a
+DAG and no path is evaluated twice). One simulation = one selection that
+ends by adding a new node, whose path is evaluated (so ``simulations`` new
+paths are evaluated besides the default); its reward (1 correct / 0 wrong)
+is backed up along the selection path. ``batch`` selections are made before evaluating (each selection counts
 as a visit at once, the reward is added when known: a virtual loss that
 spreads the batch over the tree), and their new paths are evaluated in one
 batched call. Evaluations are memoised (a path reached through another order
@@ -100,11 +103,10 @@ def rank_key(r: PathResult):
     return (-r.reward, r.length, -margin, r.path)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Node:
     path: str
     length: int
-    parent: "_Node | None" = None
     untried: list = field(default_factory=list)
     children: list = field(default_factory=list)
     N: int = 0
@@ -155,6 +157,7 @@ def mcts_search(evaluate: Evaluate, num_blocks: int, config: MCTSConfig | None =
 
     default = run([root_path])[0]
     root = _Node(root_path, L, untried=valid_actions(root_path), N=1, W=float(default.reward))
+    table = {root_path: root}  # one node per path: the tree shares transpositions (a DAG)
     tree_size, max_depth, sims, stopped = 1, 0, 0, False
 
     def can_widen(node: _Node) -> bool:
@@ -166,24 +169,40 @@ def mcts_search(evaluate: Evaluate, num_blocks: int, config: MCTSConfig | None =
         return (child.W / child.N + cfg.c * math.sqrt(math.log(parent.N) / child.N)
                 - cfg.penalty * child.length / L)
 
-    def expand(node: _Node, trail: list[_Node]) -> list[_Node]:
+    def descend_or_expand(node: _Node) -> _Node | None:
+        """Take an untried action of ``node``: a new node, or None when it leads to a path already in
+        the tree (a transposition), which is linked as a child instead."""
         action = node.untried.pop(rng.randrange(len(node.untried)))
         child_path = apply_action(node.path, action)
-        child = _Node(child_path, sum(int(ch) for ch in child_path), node, untried=valid_actions(child_path))
+        known = table.get(child_path)
+        if known is not None:
+            if known not in node.children:
+                node.children.append(known)
+            return None
+        child = _Node(child_path, sum(int(ch) for ch in child_path), untried=valid_actions(child_path))
+        table[child_path] = child
         node.children.append(child)
-        return trail + [child]
+        return child
 
     def select() -> list[_Node] | None:
         """Descend from the root by UCB; return the selection path ending at a new node, or None when
         every valid path is already in the tree."""
         node, trail = root, [root]
         while True:
-            if can_widen(node):
-                return expand(node, trail)
+            widen = can_widen(node)
             live = [ch for ch in node.children if _has_frontier(ch)]
+            if widen or (not live and node.untried):
+                # add a child (past the widening bound when nothing is left below the children)
+                child = descend_or_expand(node)
+                if child is not None:
+                    return trail + [child]
+                continue  # a transposition was linked: choose again at this node
             if not live:
-                # nothing left below the children: widen past the bound, or give up when exhausted
-                return expand(node, trail) if node.untried else None
+                if node is root:
+                    return None
+                # linking transpositions just used up this node's last actions: start again from the root
+                node, trail = root, [root]
+                continue
             if rng.random() < cfg.epsilon:
                 node = live[rng.randrange(len(live))]
             else:
@@ -219,11 +238,14 @@ def mcts_search(evaluate: Evaluate, num_blocks: int, config: MCTSConfig | None =
 
 
 def _has_frontier(node: _Node) -> bool:
-    """Whether a new node can still be added somewhere below ``node``."""
-    stack = [node]
+    """Whether an untried action is left somewhere below ``node`` (inclusive)."""
+    stack, seen = [node], set()
     while stack:
         n = stack.pop()
         if n.untried:
             return True
-        stack.extend(n.children)
+        for ch in n.children:
+            if id(ch) not in seen:
+                seen.add(id(ch))
+                stack.append(ch)
     return False
