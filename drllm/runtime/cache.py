@@ -26,6 +26,8 @@ class RoutedCache(Cache):
         self.decisions: torch.Tensor | None = None  # [B, L] frozen at the prefill
         self.plan = None  # the executor's per-block row plan, frozen with the decisions
         self.seen_tokens = 0
+        # One view per slot, made once: the executor hands them to the blocks on every step.
+        self.views = [SlotView(self, i) for i in range(len(slot_layers))]
 
     @classmethod
     def like(cls, template: Cache | None, config, num_blocks: int) -> "RoutedCache":

@@ -2,14 +2,33 @@
 
 At block ``i`` the rows with decision >= 1 run pass one and the rows with
 decision 2 run pass two. A pass that every row takes runs on the full batch
-with no copies; a pass that some rows take gathers them into a contiguous
-buffer, runs the block and scatters the result back. Row index tensors are
-computed once per sequence (at the prefill) and reused on every decode
-step, so decoding needs no host synchronisation per block.
+with no copies. A pass that some rows take either
+
+- **gathers** them into a contiguous buffer, runs the block and scatters the
+  result back (mode ``SOME``), or
+- **runs all rows and selects** the active rows' results with a precomputed
+  ``[B, 1, 1]`` mask (mode ``SELECT``): no copies of per-row arguments, one
+  kernel instead of a gather and a scatter, at the price of computing the
+  inactive rows too. The pass's cache slot then holds every row of the
+  batch (the inactive rows' K/V is never read by an active row, since
+  attention never mixes rows).
+
+Which of the two a pass uses is a measured policy (:func:`set_row_policy`,
+``drllm bench`` suite 4 measures the crossover): it is fixed in the plan at
+the prefill, so a sequence's cache slots keep the same rows for every decode
+step. Cache-free forwards (path search, scoring) always gather, since they
+process whole sequences and are compute-bound.
+
+Row index tensors, masks and the per-block list of passes to run are
+computed once per sequence (at the prefill) and reused on every decode step,
+so decoding needs no host synchronisation per block; per-row arguments
+restricted to a row subset are computed once per forward call and shared by
+every block that runs the same rows.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,30 +37,113 @@ import torch
 from .. import ops
 from .cache import RoutedCache, SlotView
 
-NONE, ALL, SOME = 0, 1, 2
+NONE, ALL, SOME, SELECT = 0, 1, 2, 3
 # Keyword arguments of a decoder layer that carry one entry per batch row.
 ROW_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+# -- gather-or-select policy -----------------------------------------------------
+# A pass run by ``n`` of ``B`` rows uses SELECT when n / B >= the threshold of the
+# device type (and the forward keeps a cache); > 1 means never. Defaults come
+# from `drllm bench` suite 4 (benchmarks/RESULTS.md): on the CPU the block's
+# cost grows with the rows it runs and gathering is never slower; on a GPU a
+# decode step of a batch <= 128 is bound by reading the weights, so running
+# every row costs about the same as running a few, and selecting saves the
+# gather/scatter kernels.
+POLICIES = ("auto", "gather", "select")
+_DEFAULT_SELECT_FROM = {"cpu": 2.0, "cuda": 0.5}
+_policy = os.environ.get("DRLLM_ROW_POLICY", "auto").strip().lower() or "auto"
+if _policy not in POLICIES:
+    _policy = "auto"
+
+
+def set_row_policy(policy: str | None = "auto", select_from: float | None = None) -> tuple[str, dict]:
+    """Choose how passes that only some rows take are run; returns the previous setting.
+
+    ``policy``: ``auto`` (select when the active fraction reaches the device's
+    threshold), ``gather`` (always gather/scatter) or ``select`` (always run
+    all rows and select). ``select_from`` overrides the ``auto`` threshold for
+    every device type. Affects plans made afterwards (new sequences).
+    """
+    global _policy
+    previous = (_policy, dict(_DEFAULT_SELECT_FROM))
+    policy = (policy or "auto").lower()
+    if policy not in POLICIES:
+        raise ValueError(f"unknown row policy {policy!r}; expected one of {POLICIES}")
+    _policy = policy
+    if select_from is not None:
+        for key in _DEFAULT_SELECT_FROM:
+            _DEFAULT_SELECT_FROM[key] = float(select_from)
+    return previous
+
+
+def restore_row_policy(previous: tuple[str, dict]) -> None:
+    """Undo :func:`set_row_policy` with the value it returned."""
+    global _policy
+    _policy = previous[0]
+    _DEFAULT_SELECT_FROM.clear()
+    _DEFAULT_SELECT_FROM.update(previous[1])
+
+
+def row_policy() -> dict:
+    """The current policy and per-device thresholds."""
+    return {"policy": _policy, "select_from": dict(_DEFAULT_SELECT_FROM)}
+
+
+def _selects(active: int, batch: int, device: torch.device) -> bool:
+    if _policy == "gather":
+        return False
+    if _policy == "select":
+        return True
+    return active / batch >= _DEFAULT_SELECT_FROM.get(device.type, _DEFAULT_SELECT_FROM["cuda"])
 
 
 @dataclass(frozen=True)
 class PassPlan:
-    """Which rows run one pass of a block: none, all, or ``index``."""
+    """Which rows run one pass of a block: none, all, or ``index``.
+
+    ``mask`` (``[B, 1, 1]`` bool, on the model's device) is set when the pass
+    may run all rows and select (mode ``SELECT``); cache-free forwards gather
+    ``index`` instead.
+    """
 
     mode: int
     index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+_PLAN_MEMO: dict = {}  # (device, decisions) -> plans; sharing index tensors lets blocks share row subsets
+_PLAN_MEMO_SIZE = 512
 
 
 def plan_block(decisions: torch.Tensor, device: torch.device) -> tuple[PassPlan, PassPlan]:
     """The (pass one, pass two) plans of one block from its ``[B]`` decisions (CPU)."""
-    batch = decisions.numel()
-    counts = (int((decisions >= 1).sum()), int((decisions == 2).sum()))
+    device = torch.device(device)
+    values = tuple(decisions.tolist())
+    key = (str(device), _policy, tuple(sorted(_DEFAULT_SELECT_FROM.items())), values)
+    plan = _PLAN_MEMO.get(key)
+    if plan is not None:
+        return plan
+    batch = len(values)
+    counts = (sum(v >= 1 for v in values), sum(v == 2 for v in values))
     index = (None, None)
     if any(0 < n < batch for n in counts):
         index = ops.compact_rows(decisions.to(device))
-    return tuple(
-        PassPlan(NONE) if n == 0 else PassPlan(ALL) if n == batch else PassPlan(SOME, idx)
-        for n, idx in zip(counts, index)
-    )
+    plans = []
+    for second, (n, idx) in enumerate(zip(counts, index)):
+        if n == 0:
+            plans.append(PassPlan(NONE))
+        elif n == batch:
+            plans.append(PassPlan(ALL))
+        elif _selects(n, batch, device):
+            active = decisions >= 2 if second else decisions >= 1
+            plans.append(PassPlan(SELECT, idx, active.to(device).view(batch, 1, 1)))
+        else:
+            plans.append(PassPlan(SOME, idx))
+    plan = tuple(plans)
+    if len(_PLAN_MEMO) >= _PLAN_MEMO_SIZE:
+        _PLAN_MEMO.clear()
+    _PLAN_MEMO[key] = plan
+    return plan
 
 
 def choose(logits: torch.Tensor, lam: float) -> torch.Tensor:
@@ -71,9 +173,11 @@ class Call:
     observer: Callable | None = None
     inject: dict = field(default_factory=dict)  # block -> (row index, states entering that block)
     batch: int = field(init=False)
+    subsets: dict = field(init=False)  # id(row index) -> per-row kwargs restricted to those rows, this call
 
     def __post_init__(self):
         self.batch = self.decisions.shape[0]
+        self.subsets = {}
 
     def enter(self, block: int, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[PassPlan, PassPlan]]:
         """The hidden state entering ``block`` (after injected prefixes) and the block's plan."""
@@ -88,6 +192,24 @@ class Call:
             self.decisions[:, block] = decided.cpu()
             self.plan[block] = plan_block(self.decisions[:, block], hidden.device)
         return hidden, self.plan[block]
+
+    def subset(self, kwargs: dict, index: torch.Tensor) -> dict:
+        """``kwargs`` restricted to the rows ``index``.
+
+        The restricted per-row tensors are computed once per call, row set and
+        per-row inputs (blocks given the same mask and positions share them).
+        """
+        sources = tuple(kwargs.get(name) for name in ROW_KWARGS)
+        key = (id(index), *map(id, sources))
+        cached = self.subsets.get(key)
+        if cached is None or cached[0] is not index or any(a is not b for a, b in zip(cached[1], sources)):
+            cached = (index, sources, row_subset(kwargs, index, self.batch))
+            self.subsets[key] = cached
+        out = dict(kwargs)
+        for name in ROW_KWARGS:
+            if name in out:
+                out[name] = cached[2][name]
+        return out
 
 
 def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
@@ -115,19 +237,34 @@ def routed_block(layer_forward: Callable, block: int, state) -> Callable:
         call = state.call
         if call is None:  # called outside a patched model forward
             return layer_forward(hidden_states, *args, **kwargs)
-        hidden_states, plan = call.enter(block, hidden_states)
-        for second, p in enumerate(plan):
-            if p.mode == NONE:
-                continue
-            kw = kwargs
-            if call.cache is not None:
-                kw = {**kwargs, "past_key_values": SlotView(call.cache, call.cache.slot(block, bool(second)))}
-            if p.mode == ALL:
-                hidden_states = layer_forward(hidden_states, *args, **kw)
-            else:
-                rows = ops.gather_rows(hidden_states, p.index)
-                out = layer_forward(rows, *args, **row_subset(kw, p.index, call.batch))
-                hidden_states = ops.scatter_rows(hidden_states, p.index, out)
-        return hidden_states
+        hidden_states, (first, second) = call.enter(block, hidden_states)
+        cache = call.cache
+        # ``kwargs`` is this call's own dict: the slot view is written into it.
+        if first.mode == ALL:  # the common case: the whole batch, no copies
+            if cache is not None:
+                kwargs["past_key_values"] = cache.views[block]
+            hidden_states = layer_forward(hidden_states, *args, **kwargs)
+        elif first.mode != NONE:
+            hidden_states = _run_rows(layer_forward, hidden_states, args, kwargs, first, call, block)
+        if second.mode == NONE:
+            return hidden_states
+        if second.mode == ALL:
+            if cache is not None:
+                kwargs["past_key_values"] = cache.views[cache.num_blocks + block]
+            return layer_forward(hidden_states, *args, **kwargs)
+        return _run_rows(layer_forward, hidden_states, args, kwargs, second, call, block + call.decisions.shape[1])
 
     return forward
+
+
+def _run_rows(layer_forward, hidden_states, args, kwargs, plan: PassPlan, call: Call, slot: int):
+    """One pass run by a subset of the rows: select or gather/scatter."""
+    cache = call.cache
+    if cache is not None:
+        kwargs["past_key_values"] = cache.views[slot]
+        if plan.mode == SELECT:
+            out = layer_forward(hidden_states, *args, **kwargs)
+            return torch.where(plan.mask, out, hidden_states)
+    rows = ops.gather_rows(hidden_states, plan.index)
+    out = layer_forward(rows, *args, **call.subset(kwargs, plan.index))
+    return ops.scatter_rows(hidden_states, plan.index, out)
