@@ -80,24 +80,40 @@ def _load_kernels():
     return module
 
 
-_kernels = _load_kernels()
+try:
+    _kernels = _load_kernels()
+except Exception as _exc:  # a broken checkout must not break the reference ops
+    warnings.warn(f"drllm: cannot load drllm.kernels ({_exc!r}); the pooling uses the PyTorch reference", RuntimeWarning)
+    _kernels = None
 
-if _mode == "reference" or _env_flag("DRLLM_NO_EXT"):
-    _ext = None  # not wanted: do not even load it (and do not warn)
-    _EXT_ERROR: str | None = "not loaded (DRLLM_OPS_BACKEND=reference or DRLLM_NO_EXT=1)"
-else:
-    from drllm import _ext
+_ext = None
+_EXT_ERROR: str | None = "not loaded (DRLLM_OPS_BACKEND=reference or DRLLM_NO_EXT=1)"
+_ext_tried = False
 
-    _EXT_ERROR = _ext.ERROR
-    if not _ext.LOADED:
+
+def _load_ext(stacklevel: int = 3) -> None:
+    """Load drllm._C once; a missing or incompatible build gives one warning."""
+    global _ext, _EXT_ERROR, _ext_tried
+    if _ext_tried:
+        return
+    _ext_tried = True
+    from drllm import _ext as ext
+
+    _EXT_ERROR = ext.ERROR
+    if ext.LOADED:
+        _ext = ext
+    else:
         warnings.warn(
-            f"drllm: the C++/CUDA extension drllm._C is unavailable ({_ext.ERROR}); row compaction, "
+            f"drllm: the C++/CUDA extension drllm._C is unavailable ({ext.ERROR}); row compaction, "
             "gather and scatter use the PyTorch reference. Build it with "
             "`pip install --no-build-isolation -e .`, or set DRLLM_NO_EXT=1 to silence this.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-        _ext = None
+
+
+if _mode != "reference" and not _env_flag("DRLLM_NO_EXT"):
+    _load_ext()  # at import (unless not wanted: then neither loaded nor warned about)
 
 if _mode == "triton" and not (_kernels is not None and _kernels.HAS_TRITON):
     warnings.warn(
@@ -181,6 +197,8 @@ def set_backend(name: str | None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     previous, _mode = _mode, name
+    if name in ("auto", "ext") and not _env_flag("DRLLM_NO_EXT"):
+        _load_ext()
     return previous
 
 
