@@ -1,0 +1,165 @@
+"""run_search: JSONL records, resume after an interruption, torn lines, shards and merge, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from tiny_tokenizer import make_tiny_tokenizer
+
+import drllm.search.run as run_mod
+from drllm.cli import main
+from drllm.search import SearchConfig, merge_shards, read_records, run_search, shard_path, summarize
+from drllm.tasks import Example
+
+FIELDS = {"id", "task", "prompt", "gold", "num_blocks", "default_reward", "default_margin", "best_path",
+          "best_reward", "best_margin", "best_length", "good_paths", "evaluations", "seconds"}
+
+
+def make_examples(n=5):
+    out = []
+    for i in range(n):
+        choices = ("red", "a blue sky", "green grass", f"number {i}")
+        out.append(Example(id=f"toy-{i}", task="arc_easy", question=f"Question number {i}: which colour?",
+                           answer="ABCD"[i % 4], choices=choices, labels=("A", "B", "C", "D"), gold_index=i % 4))
+    return out
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_model("llama", seed=3, num_layers=5), make_tiny_tokenizer()
+
+
+CONFIG = SearchConfig(simulations=12, batch=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    model, tok = setup
+    out = tmp_path_factory.mktemp("ref") / "paths.jsonl"
+    summary = run_search(model, tok, make_examples(), out, config=CONFIG, progress=False)
+    return read_records(out), summary
+
+
+def test_records_and_summary(reference, setup):
+    records, summary = reference
+    assert [r["id"] for r in records] == [f"toy-{i}" for i in range(5)]
+    for r in records:
+        assert FIELDS <= set(r)
+        assert r["num_blocks"] == 5 and r["prompt"].startswith("Question: Question number")
+        if r["best_path"] is None:
+            assert r["default_reward"] == 0 and r["good_paths"] == [] and r["best_reward"] == 0
+        else:
+            assert r["best_reward"] == 1 and r["best_path"] == r["good_paths"][0]["path"]
+            assert r["best_length"] == sum(map(int, r["best_path"]))
+            assert all(g["reward"] == 1 for g in r["good_paths"])
+        if r["default_reward"]:
+            assert r["best_length"] <= 5  # the default is correct, so the best is no longer than it
+    assert summary == summarize(records)
+    assert summary["n"] == 5 and 0 <= summary["default_accuracy"] <= summary["best_accuracy"] <= 1
+    assert summary["evaluations"] == sum(r["evaluations"] for r in records)
+
+
+def test_interrupted_run_resumes_to_same_records(reference, setup, tmp_path, monkeypatch):
+    model, tok = setup
+    out = tmp_path / "paths.jsonl"
+    real = run_mod.search_example
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted during the third example
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "search_example", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(model, tok, make_examples(), out, config=CONFIG, progress=False)
+    assert [r["id"] for r in read_records(out)] == ["toy-0", "toy-1"]
+    with open(out, "a") as f:  # and a write cut in the middle of a line
+        f.write('{"id": "toy-2", "task": "arc_e')
+    assert [r["id"] for r in read_records(out)] == ["toy-0", "toy-1"]
+    monkeypatch.setattr(run_mod, "search_example", real)
+    calls.clear()
+    summary = run_search(model, tok, make_examples(), out, config=CONFIG, progress=True)
+    assert strip(read_records(out)) == strip(reference[0])
+    assert summary["n"] == 5
+    assert all(json.loads(line) for line in out.read_text().splitlines())  # the torn line is gone
+    # a rerun does nothing
+    before = out.read_text()
+    run_search(model, tok, make_examples(), out, config=CONFIG, progress=False)
+    assert out.read_text() == before
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2"):
+        read_records(p)
+
+
+def test_shards_and_merge(reference, setup, tmp_path):
+    model, tok = setup
+    out = tmp_path / "paths.jsonl"
+    examples = make_examples()
+    shards = [shard_path(out, i, 2) for i in range(2)]
+    assert shards[0].name == "paths.shard0-of-2.jsonl"
+    for i in range(2):
+        s = run_search(model, tok, examples, shards[i], config=CONFIG, shard=(i, 2), progress=False)
+        assert s["n"] == len(examples[i::2])
+    merged = merge_shards(shards, out, ids=[e.id for e in examples])
+    assert strip(merged) == strip(reference[0]) == strip(read_records(out))
+    with pytest.raises(ValueError, match="no record"):
+        merge_shards(shards[:1], tmp_path / "bad.jsonl", ids=[e.id for e in examples])
+    with pytest.raises(ValueError, match="shard"):
+        run_search(model, tok, examples, out, config=CONFIG, shard=(2, 2), progress=False)
+
+
+def _write_arc(folder, examples):
+    (folder / "arc_easy").mkdir(parents=True)
+    with open(folder / "arc_easy" / "train.jsonl", "w") as f:
+        for e in examples:
+            f.write(json.dumps({"id": e.id, "question": e.question, "answerKey": e.answer,
+                                "choices": {"text": list(e.choices), "label": list(e.labels)}}) + "\n")
+
+
+def test_cli_torchrun_ranks_and_merge(reference, setup, tmp_path, monkeypatch, capsys):
+    """Under torchrun env vars each rank writes its shard; rank 0 merges once all shards are complete."""
+    model, tok = setup
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    _write_arc(tmp_path / "data", make_examples())
+    out = tmp_path / "out.jsonl"
+    argv = ["search", "--model", str(model_dir), "--device", "cpu", "--task", "arc_easy", "--split", "train",
+            "--n", "5", "--simulations", "12", "--batch", "4", "--seed", "7", "--data-dir", str(tmp_path / "data"),
+            "--out", str(out), "--no-progress"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 0
+    assert not out.exists() and shard_path(out, 1, 2).is_file()
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv + ["--json", str(tmp_path / "summary.json")]) == 0
+    assert strip(read_records(out)) == strip(reference[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n"] == 5 and summary["default_accuracy"] == reference[1]["default_accuracy"]
+    assert "best-path accuracy" in capsys.readouterr().out
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    merged = tmp_path / "merged.jsonl"
+    assert main(["search", "--merge", str(merged), str(shard_path(out, 0, 2)), str(shard_path(out, 1, 2))]) == 0
+    assert sorted(r["id"] for r in read_records(merged)) == [f"toy-{i}" for i in range(5)]
