@@ -69,7 +69,7 @@ def _print_summary(summary: dict, out) -> None:
 
 
 def run(args) -> int:
-    from ..search import SearchConfig, merge_shards, read_records, run_search, shard_path, summarize
+    from ..search import SearchConfig, merge_shards, run_search, shard_path, summarize
     from ..search.run import shard_examples, wait_for_shards
 
     if args.merge:

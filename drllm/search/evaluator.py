@@ -4,14 +4,19 @@
 :class:`PathResult` per path (reward 0/1, margin, length). Results are
 memoised by path, so a path is run at most once per example.
 
-Log-likelihood mode (``mode="loglik"``, ARC): every choice is a row
-``context + choice`` (lm-eval-harness cloze, acc_norm). The default path runs
-once, recording the hidden state entering every block for the choice rows
-(:func:`drllm.block_states` semantics). A batched call then holds
-``candidates x choices`` rows; with ``prefix=True`` each row starts at its
-path's first edited block from the stored state (``drllm.forced_paths(...,
-prefix=)``), so the blocks before it are never recomputed. Only the
-continuation positions go through the LM head.
+Log-likelihood mode (``mode="loglik"``, ARC): each choice is scored as
+``context + choice`` (lm-eval-harness cloze, acc_norm, same tokenization as
+:func:`drllm.tasks.score_choices`). With ``pack=True`` (default) the choices
+of one path share one sequence ``context + choice_1 + ... + choice_C`` with a
+4D attention mask (each choice sees the context and itself; positions restart
+after the context), so the context runs once per path instead of once per
+choice; ``pack=False`` uses one right-padded row per choice. The default path
+runs once, recording the hidden state entering every block
+(:func:`drllm.block_states` semantics). A batched call then holds one row
+(packed) or ``choices`` rows per candidate; with ``prefix=True`` each row
+starts at its path's first edited block from the stored state
+(``drllm.forced_paths(..., prefix=)``), so the blocks before it are never
+recomputed. Only the continuation positions go through the LM head.
 
 Generation mode (``mode="generate"``): the prompt is repeated once per
 candidate path, greedy ``generate`` runs on the batch (each row on its own
