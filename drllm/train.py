@@ -54,6 +54,7 @@ __all__ = [
     "batched_router_logits",
     "classification_metrics",
     "CLASS_NAMES",
+    "routing_tokens",
 ]
 
 CLASS_NAMES = ("skip", "execute", "repeat")
@@ -177,10 +178,28 @@ def _feature_key(fingerprint: str, token_ids: Sequence[int], path: str, num_wind
     return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
 
-def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    # The routing context as the routers see it: the prompt's tokens, no special tokens added
-    # (as drllm.tasks encodes a cloze context and a chat prompt).
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+def routing_tokens(tokenizer: Any, prompt: str, reward_mode: str | None = None) -> list[int]:
+    """The tokens routers pool over for a record's ``prompt``, encoded as evaluation encodes it.
+
+    Log-likelihood (``reward_mode`` "loglik" or absent): the cloze context as
+    :func:`drllm.tasks.encode_request` encodes it (trailing whitespace moved
+    to the continuation, no special tokens; an empty context is the BOS/EOS
+    token). Generation: as :func:`drllm.tasks.generate_answers` encodes a
+    prompt (special tokens added unless the prompt already starts with the
+    BOS text of a chat template).
+    """
+    if reward_mode in (None, "loglik"):
+        text = prompt.rstrip()
+        if not text:
+            tid = next((getattr(tokenizer, n) for n in ("bos_token_id", "eos_token_id", "pad_token_id")
+                        if getattr(tokenizer, n, None) is not None), None)
+            if tid is None:
+                raise ValueError("empty prompt and the tokenizer has no bos/eos/pad token to stand in for it")
+            return [int(tid)]
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and prompt.startswith(bos))
+    return list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
 
 
 class FeatureCache:
@@ -495,7 +514,7 @@ def train_routers(
     # ---- features (cached)
     t0 = time.perf_counter()
     fingerprint = model_fingerprint(model)
-    token_ids = [_encode_prompt(tokenizer, r["prompt"]) for r in records]
+    token_ids = [routing_tokens(tokenizer, r["prompt"], r.get("reward_mode")) for r in records]
     keys = [_feature_key(fingerprint, t, r["best_path"], config.num_windows) for t, r in zip(token_ids, records)]
     cache = FeatureCache(config.cache_dir or out_dir / "cache")
     missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
