@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Run the Triton kernels under the interpreter on the CPU; set before
+    # transformers imports triton. Where CUDA runs them compiled, leave it unset.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 97
@@ -91,3 +97,13 @@ def smollm():
     from drllm.models import load_model
 
     return load_model(device="cpu")
+
+
+@pytest.fixture(params=["reference", "ext", "triton"])
+def ops_backend(request):
+    """Run a test under each op backend (each falls back to the reference where it cannot run)."""
+    from drllm import ops
+
+    previous = ops.set_backend(request.param)
+    yield request.param
+    ops.set_backend(previous)

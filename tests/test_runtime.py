@@ -95,7 +95,7 @@ def test_forced_path_equals_explicit_loop(family, seed):
 
 @torch.no_grad()
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cached_generation_matches_recomputation(family, seed):
+def test_cached_generation_matches_recomputation(family, seed, ops_backend):
     """Left-padded rows on different paths: the routed cache gives what recomputation gives."""
     model = tiny_model(family, seed=seed)
     ids, mask = random_batch(4, 9, seed=10 + seed)
@@ -129,7 +129,7 @@ def recompute_logits_forced(model, sequences, mask, prompt_len, paths):
 
 
 @torch.no_grad()
-def test_rows_are_independent(family):
+def test_rows_are_independent(family, ops_backend):
     """Each row of a mixed, left-padded batch equals that row run alone."""
     model = tiny_model(family, seed=4)
     ids, mask = random_batch(5, 10, seed=6)
@@ -145,7 +145,7 @@ def test_rows_are_independent(family):
 
 
 @torch.no_grad()
-def test_routers_decide_once_on_the_prompt(family):
+def test_routers_decide_once_on_the_prompt(family, ops_backend):
     model = tiny_model(family, seed=5)
     routers = drllm.Routers.for_model(model, num_windows=3)
     ids, mask = random_batch(4, 9, seed=9)
@@ -347,7 +347,7 @@ def test_num_return_sequences_expands_paths():
 
 
 @torch.no_grad()
-def test_prefix_reuse_equals_full_forward(family):
+def test_prefix_reuse_equals_full_forward(family, ops_backend):
     """Rows that start from stored default-path states score as a full forward does."""
     model = tiny_model(family, seed=11)
     ids, mask = random_batch(3, 8, seed=12, padding="right")
