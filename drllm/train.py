@@ -245,23 +245,31 @@ class FeatureCache:
         for key in items:
             self.index[key] = shard
 
-    def load(self, keys: Sequence[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked ``[N, L, W, H]`` means (``dtype``) and ``[N, W]`` validity of ``keys``."""
+    def load(self, keys: Sequence[str], dtype: torch.dtype, block_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means ``[N, L, W, H]`` (``[L, N, W, H]`` with ``block_major``) in ``dtype`` and ``[N, W]`` validity."""
         from safetensors import safe_open
 
+        if not keys:
+            raise ValueError("no examples to load")
         by_shard: dict[Path, list[int]] = {}
         for i, k in enumerate(keys):
             by_shard.setdefault(self.index[k], []).append(i)
-        means: list[torch.Tensor | None] = [None] * len(keys)
-        valid: list[torch.Tensor | None] = [None] * len(keys)
+        means = valid = None
         for shard, idx in by_shard.items():
             with safe_open(str(shard), "pt") as f:
                 for i in idx:
-                    means[i] = f.get_tensor(keys[i]).to(dtype)
+                    m = f.get_tensor(keys[i])
+                    if means is None:
+                        L, W, H = m.shape
+                        shape = (L, len(keys), W, H) if block_major else (len(keys), L, W, H)
+                        means = torch.empty(shape, dtype=dtype)
+                        valid = torch.empty(len(keys), W, dtype=torch.bool)
+                    if block_major:
+                        means[:, i] = m
+                    else:
+                        means[i] = m
                     valid[i] = f.get_tensor(keys[i] + ".valid").to(torch.bool)
-        if not keys:
-            raise ValueError("no examples to load")
-        return torch.stack(means), torch.stack(valid)
+        return means, valid
 
 
 @torch.no_grad()
@@ -363,13 +371,17 @@ def batched_router_logits(routers: Routers, means: torch.Tensor, valid: torch.Te
     Equal to ``routers.logits(i, hidden, mask)`` for the hidden state whose
     window means these are (the mean of the MLP's logits over valid windows).
     """
-    B, L, W, H = means.shape
+    return _block_major_logits(routers, means.float().transpose(0, 1), valid).transpose(0, 1)
+
+
+def _block_major_logits(routers: Routers, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Logits ``[L, B, 3]`` from float32 means ``[L, B, W, H]`` (contiguous: no copy) and ``[B, W]`` validity."""
+    L, B, W, H = x.shape
     w1, b1, w2, b2 = _stacked(routers)
-    x = means.float().permute(1, 0, 2, 3).reshape(L, B * W, H)
-    h = F.gelu(torch.baddbmm(b1[:, None, :], x, w1.transpose(1, 2)), approximate="tanh")
+    h = F.gelu(torch.baddbmm(b1[:, None, :], x.reshape(L, B * W, H), w1.transpose(1, 2)), approximate="tanh")
     out = torch.baddbmm(b2[:, None, :], h, w2.transpose(1, 2)).reshape(L, B, W, 3)
     v = valid.to(out.dtype)[None, :, :, None]  # [1, B, W, 1]
-    return ((out * v).sum(dim=2) / v.sum(dim=2)).transpose(0, 1)
+    return (out * v).sum(dim=2) / v.sum(dim=2)
 
 
 def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, loss: float | None = None) -> dict:
@@ -541,7 +553,7 @@ def train_routers(
                "seconds": time.perf_counter() - t0}
 
     dtype = getattr(torch, config.cache_dtype)
-    means, valid = cache.load(keys, dtype)
+    means, valid = cache.load(keys, dtype, block_major=True)  # [L, N, W, H]: a batch is one gather, then the matmul
     labels = torch.stack([path_from_str(r["best_path"]) for r in records])  # [N, L]
     train_idx, val_idx = _split(len(records), config.val_fraction, config.seed)
     tr = torch.tensor(train_idx)
@@ -555,7 +567,7 @@ def train_routers(
         torch.manual_seed(config.seed)
         routers = Routers(info.model_type, info.hidden_size, L, config.num_windows, config.router_hidden)
     routers.to(device).train()
-    optimizer = torch.optim.AdamW(routers.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(routers.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(round(config.warmup_ratio * total_steps))
@@ -596,16 +608,16 @@ def train_routers(
             lr = optimizer.param_groups[0]["lr"]
             for s in range(steps_per_epoch):
                 b = order[s * config.batch_size : (s + 1) * config.batch_size]
-                x = means[b].to(device, torch.float32)
-                y = labels[b].to(device)
-                logits = batched_router_logits(routers, x, valid[b].to(device))
+                x = means.index_select(1, b).to(device, torch.float32)
+                y = labels[b].to(device).T  # [L, B], as the logits
+                logits = _block_major_logits(routers, x, valid[b].to(device))
                 loss = focal_loss(logits.reshape(-1, 3), y.reshape(-1), weights, config.gamma)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 total_loss += float(loss.detach()) * len(b)
-                preds.append(logits.detach().argmax(-1).cpu())
+                preds.append(logits.detach().argmax(-1).T.cpu())
                 seen.append(b)
             train_m = classification_metrics(torch.cat(preds), labels[torch.cat(seen)], total_loss / len(tr))
             val_m = _evaluate_split(routers, means, valid, labels, va, weights, config, device)
@@ -656,8 +668,8 @@ def _evaluate_split(routers, means, valid, labels, idx, weights, config, device)
     preds, total = [], 0.0
     for s in range(0, len(idx), max(config.batch_size, 256)):
         b = idx[s : s + max(config.batch_size, 256)]
-        logits = batched_router_logits(routers, means[b].to(device, torch.float32), valid[b].to(device))
-        total += float(focal_loss(logits.reshape(-1, 3), labels[b].to(device).reshape(-1), weights, config.gamma)) * len(b)
-        preds.append(logits.argmax(-1).cpu())
+        logits = _block_major_logits(routers, means.index_select(1, b).to(device, torch.float32), valid[b].to(device))
+        total += float(focal_loss(logits.reshape(-1, 3), labels[b].to(device).T.reshape(-1), weights, config.gamma)) * len(b)
+        preds.append(logits.argmax(-1).T.cpu())
     routers.train()
     return classification_metrics(torch.cat(preds), labels[idx], total / len(idx))

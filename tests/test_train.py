@@ -222,3 +222,21 @@ def test_classification_metrics_by_hand():
     assert m["per_class"]["repeat"]["f1"] == 0.0
     assert math.isclose(m["macro_f1"], (1.0 + 0.75 + 0.0) / 3)
     assert m["mean_pred_length"] == 3.0 and m["mean_label_length"] == 3.0
+
+
+def test_train_command(setup, tmp_path, capsys):
+    from drllm.cli import main
+
+    model, tok = setup
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    f = write_jsonl(tmp_path / "paths.jsonl", synthetic_records(30, seed=4, null_every=5))
+    rc = main(["train", "--model", str(tmp_path / "model"), "--device", "cpu", "--paths", str(f),
+               "--out", str(tmp_path / "routers"), "--epochs", "2", "--batch-size", "8", "--no-progress",
+               "--json", str(tmp_path / "train.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "24 examples (6 without a path skipped)" in out and "macro F1" in out
+    payload = json.loads((tmp_path / "train.json").read_text())
+    assert len(payload["history"]) == 2 and payload["train"] + payload["val"] == 24
+    assert drllm.Routers.from_pretrained(tmp_path / "routers").num_blocks == L
