@@ -174,10 +174,12 @@ class Call:
     inject: dict = field(default_factory=dict)  # block -> (row index, states entering that block)
     batch: int = field(init=False)
     subsets: dict = field(init=False)  # id(row index) -> per-row kwargs restricted to those rows, this call
+    pooling: "Pooling | None" = field(init=False)
 
     def __post_init__(self):
         self.batch = self.decisions.shape[0]
         self.subsets = {}
+        self.pooling = None
 
     def enter(self, block: int, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[PassPlan, PassPlan]]:
         """The hidden state entering ``block`` (after injected prefixes) and the block's plan."""
@@ -187,7 +189,9 @@ class Call:
         if self.observer is not None:
             self.observer(block, hidden)
         if self.plan[block] is None:
-            logits = self.routers.logits(block, hidden, self.pool_mask)
+            if self.pooling is None:
+                self.pooling = Pooling(self.routers, self.pool_mask)
+            logits = self.pooling.logits(block, hidden)
             decided = choose(logits, self.lam)
             self.decisions[:, block] = decided.cpu()
             self.plan[block] = plan_block(self.decisions[:, block], hidden.device)
@@ -210,6 +214,38 @@ class Call:
             if name in out:
                 out[name] = cached[2][name]
         return out
+
+
+class Pooling:
+    """Router logits of every block for one prompt batch, the pooling weights computed once.
+
+    The windowed-mean weights depend only on the prompt's mask, so the
+    reference computation (:func:`drllm.ops.pooled_router_logits_reference`)
+    is split: the ``[B, W, T]`` weights once per forward call, then per block
+    one batched matmul and the router MLP -- the same operations in the same
+    order, hence the same logits. Where the ops dispatch to a fused kernel
+    (Triton on CUDA), or for routers other than :class:`drllm.Routers`, each
+    block calls ``routers.logits`` as before.
+    """
+
+    def __init__(self, routers, mask: torch.Tensor):
+        from ..routers import Routers
+
+        self.routers, self.mask = routers, mask
+        self.hoist = type(routers).logits is Routers.logits
+        self.weights = self.valid = None
+
+    def logits(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.hoist or ops._pooling_choice(hidden.device.type) != "reference":
+            return self.routers.logits(block, hidden, self.mask)
+        if self.weights is None:
+            self.weights = ops.window_weights(self.mask, self.routers.num_windows)
+            self.valid = (self.weights.sum(dim=2) > 0).to(torch.float32)[..., None]
+            self.count = self.valid.sum(dim=1)
+        mlp = self.routers.mlps[block]
+        means = torch.bmm(self.weights, hidden.to(torch.float32))
+        logits = ops.router_mlp(means, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return (logits * self.valid).sum(dim=1) / self.count
 
 
 def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
