@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules in drllm.commands, in the order ``--help`` lists them.
-COMMANDS = ["search", "train", "eval", "generate"]
+COMMANDS = ["search", "train", "eval", "generate", "bench", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
