@@ -107,3 +107,20 @@ def ops_backend(request):
     previous = ops.set_backend(request.param)
     yield request.param
     ops.set_backend(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: they are all per-op overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The character-level tiny tokenizer (97 tokens, ChatML template) of tests/tiny_tokenizer.py."""
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    return make_tiny_tokenizer()

@@ -14,15 +14,10 @@ import drllm
 from drllm.evaluate import evaluate, lam_sweep, wilson_interval
 from drllm.tasks import Example, cloze_requests, encode_request, generation_prompt
 
+# Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 L = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def arc_examples(n: int = 6) -> list[Example]:

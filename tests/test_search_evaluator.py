@@ -7,32 +7,20 @@ import itertools
 import pytest
 import torch
 from conftest import tiny_model
-from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
 from drllm.paths import path_from_str
 from drllm.search import MCTSConfig, PathEvaluator, is_valid_path, mcts_search, rank_key
 from drllm.tasks import Example, generate_answers, score_choices
 
+# Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLE = Example(
     id="toy-1", task="arc_easy", question="Which is a planet?", answer="B",
     choices=("a rock", "Mars", "the Moon's shadow", "x"), labels=("A", "B", "C", "D"), gold_index=1,
 )
 PATHS = ["1111", "1101", "0111", "1211", "1112", "2001", "1021", "1100", "0210", "2222"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -14,6 +14,9 @@ from drllm.cli import main
 from drllm.search import SearchConfig, merge_shards, read_records, run_search, shard_path, summarize
 from drllm.tasks import Example
 
+# Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIELDS = {"id", "task", "prompt", "gold", "num_blocks", "default_reward", "default_margin", "best_path",
           "best_reward", "best_margin", "best_length", "good_paths", "evaluations", "seconds"}
 
@@ -29,14 +32,6 @@ def make_examples(n=5):
 
 def strip(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

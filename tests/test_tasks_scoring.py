@@ -24,19 +24,8 @@ from drllm.tasks import (
 from tiny_tokenizer import make_tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add contention (on a busy
-    2-core machine a forward is ~100x slower with 2 threads than with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
+# Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

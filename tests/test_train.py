@@ -25,6 +25,9 @@ from drllm.train import (
     train_routers,
 )
 
+# Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 L = 4
 # Three "topics" of prompt text, each with its own labelled path: the policy depends on the prompt.
 TOPICS = {
@@ -58,15 +61,6 @@ def synthetic_records(n: int, seed: int = 0, null_every: int = 0) -> list[dict]:
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: intra-op threads only contend on a shared 2-core machine (20x slower under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
