@@ -124,3 +124,23 @@ def tok():
     from tiny_tokenizer import make_tiny_tokenizer
 
     return make_tiny_tokenizer()
+
+
+def make_inputs(B, T, H, lengths, left_pad, dtype=torch.float32, seed=0, mask_dtype=torch.long):
+    """Random inputs of the pooled router: hidden states, a padding mask with the given
+    real lengths (left- or right-padded per row) and Xavier router weights with small biases."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=gen).to(dtype)
+    mask = torch.zeros(B, T, dtype=mask_dtype)
+    for b, n in enumerate(lengths):
+        if left_pad[b]:
+            mask[b, T - n :] = 1
+        else:
+            mask[b, :n] = 1
+    w1 = torch.empty(128, H)
+    torch.nn.init.xavier_uniform_(w1, generator=gen)
+    w2 = torch.empty(3, 128)
+    torch.nn.init.xavier_uniform_(w2, generator=gen)
+    b1 = 0.1 * torch.randn(128, generator=gen)
+    b2 = 0.1 * torch.randn(3, generator=gen)
+    return hidden, mask, w1, b1, w2, b2

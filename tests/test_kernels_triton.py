@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from conftest import make_inputs  # noqa: E402
 
 from drllm import ops  # noqa: E402
 
@@ -56,24 +57,6 @@ def test_interpreted_suite_in_subprocess():
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
     assert " passed" in r.stdout
-
-
-def make_inputs(B, T, H, lengths, left_pad, dtype, seed=0, mask_dtype=torch.long):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=gen).to(dtype)
-    mask = torch.zeros(B, T, dtype=mask_dtype)
-    for b, n in enumerate(lengths):
-        if left_pad[b]:
-            mask[b, T - n :] = 1
-        else:
-            mask[b, :n] = 1
-    w1 = torch.empty(128, H)
-    torch.nn.init.xavier_uniform_(w1, generator=gen)
-    w2 = torch.empty(3, 128)
-    torch.nn.init.xavier_uniform_(w2, generator=gen)
-    b1 = 0.1 * torch.randn(128, generator=gen)
-    b2 = 0.1 * torch.randn(3, generator=gen)
-    return hidden, mask, w1, b1, w2, b2
 
 
 def random_lengths(B, T, seed):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import make_inputs
 
 from drllm import ops
 
@@ -33,24 +34,6 @@ def loop_pooled_logits(hidden, mask, num_windows, w1, b1, w2, b2):
             logits.append(h @ w2.double().T + b2.double())
         rows.append(sum(logits) / len(logits))
     return torch.stack(rows)
-
-
-def make_inputs(B, T, H, lengths, left_pad, dtype=torch.float32, seed=0, mask_dtype=torch.long):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=gen).to(dtype)
-    mask = torch.zeros(B, T, dtype=mask_dtype)
-    for b, n in enumerate(lengths):
-        if left_pad[b]:
-            mask[b, T - n :] = 1
-        else:
-            mask[b, :n] = 1
-    w1 = torch.empty(128, H)
-    torch.nn.init.xavier_uniform_(w1, generator=gen)
-    w2 = torch.empty(3, 128)
-    torch.nn.init.xavier_uniform_(w2, generator=gen)
-    b1 = 0.1 * torch.randn(128, generator=gen)
-    b2 = 0.1 * torch.randn(3, generator=gen)
-    return hidden, mask, w1, b1, w2, b2
 
 
 CASES = [
