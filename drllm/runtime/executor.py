@@ -45,12 +45,11 @@ ROW_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
 # A pass run by ``n`` of ``B`` rows uses SELECT when n / B >= the threshold of the
 # device type (and the forward keeps a cache); > 1 means never. Defaults come
 # from `drllm bench` suite 4 (benchmarks/RESULTS.md): on the CPU the block's
-# cost grows with the rows it runs and gathering is never slower; on a GPU a
-# decode step of a batch <= 128 is bound by reading the weights, so running
-# every row costs about the same as running a few, and selecting saves the
-# gather/scatter kernels.
+# cost grows with the rows it runs and gathering is never slower. The GPU
+# crossover is not measured yet, so ``auto`` gathers there too until it is;
+# ``set_row_policy("select")`` or DRLLM_ROW_POLICY=select opts in.
 POLICIES = ("auto", "gather", "select")
-_DEFAULT_SELECT_FROM = {"cpu": 2.0, "cuda": 0.5}
+_DEFAULT_SELECT_FROM = {"cpu": 2.0, "cuda": 2.0}
 _policy = os.environ.get("DRLLM_ROW_POLICY", "auto").strip().lower() or "auto"
 if _policy not in POLICIES:
     _policy = "auto"
