@@ -36,7 +36,8 @@ class DemoSettings:
     seed: int = 0
 
 
-# Default: about 15 minutes on a quiet 2-core CPU; quick: under 3 (CI runs it).
+# Default: about 15 minutes on a quiet 2-core CPU (search ~3 s per item, scoring
+# ~0.3 s per item and model); quick: under 3 minutes (CI runs it).
 DEFAULT = DemoSettings(n_search=160, simulations=32, n_eval=None)
 QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24)
 
