@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .batching import pad_batch
 from .paths import path_from_str
 from .routers import Routers
 from .runtime.adapters import describe
@@ -300,15 +301,9 @@ def extract_features(
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(token_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            toks = token_ids[i]
-            if not toks:
-                raise ValueError("empty prompt: it encodes to no tokens")
-            ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            mask[r, : len(toks)] = 1
+        if any(not token_ids[i] for i in idx):
+            raise ValueError("empty prompt: it encodes to no tokens")
+        ids, mask = pad_batch([token_ids[i] for i in idx], pad_id)
         ids, mask = ids.to(info.device), mask.to(info.device)
         means = [None] * L
         valid = []

@@ -50,6 +50,8 @@ except ImportError as err:  # pragma: no cover - depends on the optional extra
 
 from tqdm.auto import tqdm
 
+from ..batching import pad_batch, prefix_mask
+
 __all__ = ["DrLLM"]
 
 
@@ -142,15 +144,8 @@ class DrLLM(HFLM):
                    desc="Running loglikelihood requests (drllm)")
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(inputs[r][0]) for r in chunk)
-            ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            rmask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, r in enumerate(chunk):
-                inp, n_ctx = inputs[r]
-                ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                attn[b, : len(inp)] = 1
-                rmask[b, :n_ctx] = 1
+            ids, attn = pad_batch([inputs[r][0] for r in chunk], pad)
+            rmask = prefix_mask([inputs[r][1] for r in chunk], ids.shape[1])
             mixed = getattr(self, "mixed_precision_dtype", None)
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),

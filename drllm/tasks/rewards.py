@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from ..batching import pad_batch, prefix_mask
 from .data import Example
 from .extract import extract_answer, is_correct
 from .prompts import Style, cloze_requests, generation_prompt, use_chat_template
@@ -201,14 +202,8 @@ def loglikelihood(
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = [items[k] for k in order[start : start + batch_size]]
-            width = max(len(it[1]) for it in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            rmask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (_, inp, n_ctx, _) in enumerate(chunk):
-                ids[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                attn[r, : len(inp)] = 1
-                rmask[r, :n_ctx] = 1
+            ids, attn = pad_batch([it[1] for it in chunk], pad_id)
+            rmask = prefix_mask([it[2] for it in chunk], ids.shape[1])
             rows = [it[0] if row_ids is None else int(row_ids[it[0]]) for it in chunk]
             logits = call(ids.to(dev), attn.to(dev), rmask.to(dev), rows)
             if logits.shape[:2] != ids.shape:
@@ -445,13 +440,8 @@ def generate_answers(
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[k]) for k in idx)
-            ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, k in enumerate(idx):
-                toks = encoded[k]
-                ids[r, width - len(toks) :] = torch.tensor(toks, dtype=torch.long)
-                attn[r, width - len(toks) :] = 1
+            ids, attn = pad_batch([encoded[k] for k in idx], pad_id, left=True)
+            width = ids.shape[1]
             seqs = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **gen_args)
             seqs = getattr(seqs, "sequences", seqs)
             for r, k in enumerate(idx):
