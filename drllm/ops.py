@@ -161,12 +161,21 @@ def router_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
     return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
 
 
+def weighted_router_logits(weights, hidden, w1, b1, w2, b2):
+    """Router logits ``[B, 3]`` from pooling weights of :func:`window_weights`, averaged over each row's windows.
+
+    Split from the reference so that a caller routing every block of one
+    prompt batch computes the weights once.
+    """
+    means = torch.bmm(weights, hidden.to(torch.float32))
+    logits = router_mlp(means, w1, b1, w2, b2)  # [B, nw, 3]
+    v = (weights.sum(dim=2) > 0).to(torch.float32)[..., None]
+    return (logits * v).sum(dim=1) / v.sum(dim=1)
+
+
 def pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2):
     """Reference for :func:`pooled_router_logits`."""
-    means, valid = window_means(hidden, mask, num_windows)
-    logits = router_mlp(means, w1, b1, w2, b2)  # [B, nw, 3]
-    v = valid.to(torch.float32)[..., None]
-    return (logits * v).sum(dim=1) / v.sum(dim=1)
+    return weighted_router_logits(window_weights(mask, num_windows), hidden, w1, b1, w2, b2)
 
 
 def pooled_router_logits_loop(hidden, mask, num_windows, w1, b1, w2, b2, *, dtype=torch.float32):

@@ -221,8 +221,8 @@ class Pooling:
     The windowed-mean weights depend only on the prompt's mask, so the
     reference computation (:func:`drllm.ops.pooled_router_logits_reference`)
     is split: the ``[B, W, T]`` weights once per forward call, then per block
-    one batched matmul and the router MLP -- the same operations in the same
-    order, hence the same logits. Where the ops dispatch to a fused kernel
+    :func:`drllm.ops.weighted_router_logits` -- the reference's own code,
+    hence the same logits. Where the ops dispatch to a fused kernel
     (Triton on CUDA), or for routers other than :class:`drllm.Routers`, each
     block calls ``routers.logits`` as before.
     """
@@ -232,19 +232,15 @@ class Pooling:
 
         self.routers, self.mask = routers, mask
         self.hoist = type(routers).logits is Routers.logits
-        self.weights = self.valid = None
+        self.weights = None
 
     def logits(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
         if not self.hoist or ops._pooling_choice(hidden.device.type) != "reference":
             return self.routers.logits(block, hidden, self.mask)
         if self.weights is None:
             self.weights = ops.window_weights(self.mask, self.routers.num_windows)
-            self.valid = (self.weights.sum(dim=2) > 0).to(torch.float32)[..., None]
-            self.count = self.valid.sum(dim=1)
         mlp = self.routers.mlps[block]
-        means = torch.bmm(self.weights, hidden.to(torch.float32))
-        logits = ops.router_mlp(means, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-        return (logits * self.valid).sum(dim=1) / self.count
+        return ops.weighted_router_logits(self.weights, hidden, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
 
 def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
