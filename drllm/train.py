@@ -1,7 +1,8 @@
 """Router training from searched paths: teacher forcing on cached features.
 
 The base model is frozen and execution is teacher-forced along each
-example's labelled path (``best_path`` of the search's JSONL), so the hidden
+example's labelled path (:func:`label_path`: the searched path to learn,
+chosen from the search's JSONL), so the hidden
 state entering every block along that path is a fixed function of the
 example. Router ``i`` only ever sees it through the windowed means of the
 prompt's tokens (:func:`drllm.ops.window_means`), so those means
@@ -48,6 +49,7 @@ from .runtime.adapters import describe
 __all__ = [
     "TrainConfig",
     "train_routers",
+    "label_path",
     "load_path_records",
     "extract_features",
     "class_weights",
@@ -77,10 +79,13 @@ class TrainConfig:
     stored; ``cache_dir`` defaults to ``<out_dir>/cache``. With ``resume``,
     a run whose ``out_dir`` holds a checkpoint of the same configuration and
     data continues from it; without, it starts over. ``limit`` keeps the
-    first N usable records.
+    first N records. ``min_margin``: a searched path is learned only if the
+    gold answer wins by at least this much normalised log-likelihood
+    (:func:`label_path`); 0 learns every correct path.
     """
 
     epochs: int = 25
+    min_margin: float = 0.2
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -109,6 +114,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and extract_batch_size must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_margin < 0:
+            raise ValueError(f"min_margin must be >= 0, got {self.min_margin}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}")
         if self.cache_dtype not in ("float16", "float32"):
@@ -123,13 +130,38 @@ class TrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = None) -> tuple[list[dict], int]:
-    """Usable records of a search JSONL file and the number skipped (``best_path`` null).
+def label_path(record: dict, min_margin: float = 0.0) -> str:
+    """The path a search record teaches: its best correct path that wins by ``min_margin``, else the default.
 
-    Each kept record has a ``prompt`` and a ``best_path`` string of one digit
-    per block; a path of the wrong length for ``num_blocks`` is an error.
+    Candidates are the record's ``good_paths`` (and ``best_path``) whose gold
+    answer beats every other choice by at least ``min_margin`` of normalised
+    log-likelihood (generation records carry no margin and count every
+    correct path); the shortest wins, then the widest margin. A record with no
+    such path teaches the default path (execute every block): on a small model
+    most answers are near ties, and a path that only just flips one teaches
+    routers noise, which they then apply to inputs where it costs accuracy.
     """
-    records, skipped = [], 0
+    L = int(record["num_blocks"])
+    found = list(record.get("good_paths") or [])
+    if record.get("best_path") is not None:
+        found.append({"path": record["best_path"], "margin": record.get("best_margin"),
+                      "length": record.get("best_length")})
+    wins = [g for g in found if g["margin"] is None or g["margin"] >= min_margin]
+    if not wins:
+        return "1" * L
+    best = min(wins, key=lambda g: (sum(map(int, g["path"])), -(g["margin"] or 0.0), g["path"]))
+    return best["path"]
+
+
+def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = None,
+                      min_margin: float = 0.0) -> tuple[list[dict], int]:
+    """Records of a search JSONL file, each with its training ``label`` (:func:`label_path`),
+    and how many of them teach the default path.
+
+    Every path of a record must have one digit per block; a path of the wrong
+    length for ``num_blocks`` is an error.
+    """
+    records, defaults = [], 0
     with open(paths_file) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -138,23 +170,25 @@ def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = No
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{paths_file}:{line_no}: not JSON ({err})") from None
-            if rec.get("best_path") is None:
-                skipped += 1
-                continue
             if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
                 raise ValueError(f"{paths_file}:{line_no}: record without a non-empty 'prompt'")
-            path = rec["best_path"]
-            try:
-                path_from_str(path)
-            except (ValueError, TypeError):
-                raise ValueError(f"{paths_file}:{line_no}: invalid best_path {path!r}") from None
-            if num_blocks is not None and len(path) != num_blocks:
-                raise ValueError(
-                    f"{paths_file}:{line_no}: best_path has {len(path)} decisions but the model has "
-                    f"{num_blocks} blocks (were these paths searched on another model?)"
-                )
-            records.append(rec)
-    return records, skipped
+            paths = [rec.get("best_path")] + [g.get("path") for g in rec.get("good_paths") or []]
+            for path in (p for p in paths if p is not None):
+                try:
+                    path_from_str(path)
+                except (ValueError, TypeError):
+                    raise ValueError(f"{paths_file}:{line_no}: invalid path {path!r}") from None
+                if num_blocks is not None and len(path) != num_blocks:
+                    raise ValueError(
+                        f"{paths_file}:{line_no}: a path has {len(path)} decisions but the model has "
+                        f"{num_blocks} blocks (were these paths searched on another model?)"
+                    )
+            if not isinstance(rec.get("num_blocks"), int):
+                raise ValueError(f"{paths_file}:{line_no}: record without an integer 'num_blocks'")
+            label = label_path(rec, min_margin)
+            defaults += label == "1" * len(label)
+            records.append({**rec, "label": label})
+    return records, defaults
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -492,7 +526,7 @@ def train_routers(
 ) -> dict:
     """Train routers for ``model`` from the labelled paths in ``paths_file``; write them to ``out_dir``.
 
-    Records whose ``best_path`` is null are skipped. Features are read from
+    Each record teaches :func:`label_path` with ``config.min_margin``. Features are read from
     (or added to) the cache, then ``config.epochs`` epochs run on it. After
     each epoch a checkpoint is written and ``callback(epoch, metrics)`` is
     called (1-based epoch; an exception there interrupts the run, which a
@@ -502,7 +536,7 @@ def train_routers(
 
     Returns a dict: ``history`` (per epoch: ``lr``, ``train`` and ``val``
     metrics from :func:`classification_metrics`), ``final`` (the last
-    entry), counts (``records``, ``skipped``, ``train``, ``val``), the label
+    entry), counts (``records``, ``default_labels``, ``train``, ``val``), the label
     ``class_counts`` and ``class_weights``, ``extract`` (cache hits, computed,
     seconds), ``train_seconds``, ``resumed_from`` (epoch or None).
     """
@@ -512,21 +546,22 @@ def train_routers(
     info = describe(model)
     L = info.num_blocks
 
-    records, skipped = load_path_records(paths_file, L)
+    records, _ = load_path_records(paths_file, L, config.min_margin)
     if config.limit is not None:
         records = records[: config.limit]
     if not records:
-        raise ValueError(f"{paths_file}: no record with a best_path to learn from ({skipped} without one)")
+        raise ValueError(f"{paths_file}: no search record to learn from")
+    default_labels = sum(r["label"] == "1" * L for r in records)
 
     # ---- features (cached)
     t0 = time.perf_counter()
     fingerprint = model_fingerprint(model)
     token_ids = [routing_tokens(tokenizer, r["prompt"], r.get("reward_mode")) for r in records]
-    keys = [_feature_key(fingerprint, t, r["best_path"], config.num_windows) for t, r in zip(token_ids, records)]
+    keys = [_feature_key(fingerprint, t, r["label"], config.num_windows) for t, r in zip(token_ids, records)]
     cache = FeatureCache(config.cache_dir or out_dir / "cache")
     missing = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values())
     if missing:
-        paths = torch.stack([path_from_str(records[i]["best_path"]) for i in missing])
+        paths = torch.stack([path_from_str(records[i]["label"]) for i in missing])
         bar = _tqdm(config.progress, total=len(missing), desc="features", unit="ex")
         was_training = model.training
         model.eval()
@@ -549,7 +584,7 @@ def train_routers(
 
     dtype = getattr(torch, config.cache_dtype)
     means, valid = cache.load(keys, dtype, block_major=True)  # [L, N, W, H]: a batch is one gather, then the matmul
-    labels = torch.stack([path_from_str(r["best_path"]) for r in records])  # [N, L]
+    labels = torch.stack([path_from_str(r["label"]) for r in records])  # [N, L]
     train_idx, val_idx = _split(len(records), config.val_fraction, config.seed)
     tr = torch.tensor(train_idx)
     va = torch.tensor(val_idx, dtype=torch.long)
@@ -641,7 +676,7 @@ def train_routers(
     return {
         "out_dir": str(out_dir),
         "records": len(records),
-        "skipped": skipped,
+        "default_labels": default_labels,
         "train": len(train_idx),
         "val": len(val_idx),
         "num_blocks": L,

@@ -8,6 +8,7 @@ import pytest
 import drllm
 from conftest import SHARED_DATA, needs_shared_data
 from drllm.cli import main
+from drllm.train import label_path
 
 pytestmark = [
     needs_shared_data,
@@ -32,4 +33,10 @@ def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys):
     assert set(summary["seconds"]) == {"load", "search", "train", "eval"}
     routers = drllm.Routers.from_pretrained(out / "routers")
     assert routers.num_blocks == L and routers.model_type == "llama"
-    assert (out / "heatmap.png").stat().st_size > 0 and (out / "report.md").read_text().startswith("# drllm demo")
+    report = (out / "report.md").read_text()
+    assert (out / "heatmap.png").stat().st_size > 0 and report.startswith("# drllm demo")
+    # training learned each searched item's label_path at the demo's margin, and the report says how many kept the default
+    records = [json.loads(line) for line in (out / "paths.jsonl").read_text().splitlines()]
+    labels = [label_path(rec, summary["settings"]["min_margin"]) for rec in records]
+    assert summary["train"]["records"] == 8 and summary["train"]["default_labels"] == labels.count("1" * L)
+    assert f"{summary['train']['default_labels']} items teach the default path" in report

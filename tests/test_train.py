@@ -21,6 +21,7 @@ from drllm.train import (
     classification_metrics,
     extract_features,
     focal_loss,
+    label_path,
     load_path_records,
     train_routers,
 )
@@ -129,12 +130,49 @@ def test_features_follow_the_labelled_path_and_ignore_batching(setup):
     assert int(batched[2][1].sum()) == 1  # one token: one window
 
 
-def test_records_skip_null_and_check_length(tmp_path):
+def test_records_label_default_when_no_path_wins(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", synthetic_records(9, null_every=3))
-    records, skipped = load_path_records(f, L)
-    assert (len(records), skipped) == (6, 3)
+    records, defaults = load_path_records(f, L)
+    assert len(records) == 9 and defaults == 3
+    assert [r["label"] for r in records] == [r["best_path"] or "1111" for r in synthetic_records(9, null_every=3)]
     with pytest.raises(ValueError, match="model has 5 blocks"):
         load_path_records(f, 5)
+
+
+def _record(good, default_reward=1, default_margin=0.5):
+    return {"num_blocks": 4, "default_reward": default_reward, "default_margin": default_margin,
+            "best_path": good[0]["path"] if good else None, "best_margin": good[0]["margin"] if good else None,
+            "good_paths": good}
+
+
+def test_label_needs_min_margin():
+    near_tie = {"path": "0111", "margin": 0.01, "length": 3}
+    shorter = {"path": "0101", "margin": 0.05, "length": 2}
+    robust = {"path": "1101", "margin": 0.4, "length": 3}
+    robust_wider = {"path": "1011", "margin": 0.6, "length": 3}
+    rec = _record([shorter, near_tie, robust, robust_wider])
+    assert label_path(rec, 0.0) == "0101"  # shortest correct path
+    assert label_path(rec, 0.2) == "1011"  # shortest robust one, then the widest margin
+    assert label_path(rec, 1.0) == "1111"  # none wins by 1.0: the default path
+    assert label_path(_record([], default_reward=0, default_margin=-0.3), 0.0) == "1111"
+    generated = _record([{"path": "1121", "margin": None, "length": 5}])  # generation rewards carry no margin
+    assert label_path(generated, 0.2) == "1121"
+
+
+def test_min_margin_changes_labels_and_training_data(setup, tmp_path):
+    model, tok = setup
+    records = synthetic_records(12, seed=5)
+    for r in records[::2]:
+        for g in r["good_paths"]:
+            g["margin"] = 0.05
+        r["best_margin"] = 0.05
+    f = write_jsonl(tmp_path / "paths.jsonl", records)
+    strict = train_routers(model, tok, f, tmp_path / "strict", config=_cfg(tmp_path, epochs=1, min_margin=0.1))
+    loose = train_routers(model, tok, f, tmp_path / "loose", config=_cfg(tmp_path, epochs=1, min_margin=0.0))
+    assert strict["default_labels"] == 6 and loose["default_labels"] == 0
+    assert strict["class_counts"]["execute"] > loose["class_counts"]["execute"]
+    with pytest.raises(ValueError, match="min_margin"):
+        TrainConfig(min_margin=-0.1)
 
 
 def _cfg(tmp_path, **kw):
@@ -230,7 +268,7 @@ def test_train_command(setup, tmp_path, capsys):
                "--json", str(tmp_path / "train.json")])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "24 examples (6 without a path skipped)" in out and "macro F1" in out
+    assert "30 examples (6 teach the default path)" in out and "macro F1" in out
     payload = json.loads((tmp_path / "train.json").read_text())
-    assert len(payload["history"]) == 2 and payload["train"] + payload["val"] == 24
+    assert len(payload["history"]) == 2 and payload["train"] + payload["val"] == 30
     assert drllm.Routers.from_pretrained(tmp_path / "routers").num_blocks == L

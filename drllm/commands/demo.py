@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-eval", type=int, default=None, help="validation items (default: all, or 24 with --quick)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-margin", type=float, default=None,
+                   help="learn a searched path only if the gold answer wins by this margin (see drllm train)")
     p.add_argument("--no-progress", action="store_true")
     add_data_args(p)
     add_json_arg(p)
@@ -29,7 +31,7 @@ def run(args) -> int:
     from ..tasks import DataUnavailableError
 
     settings = QUICK if args.quick else DEFAULT
-    overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed")
+    overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin")
                  if getattr(args, k) is not None}
     settings = dataclasses.replace(settings, **overrides)
     try:

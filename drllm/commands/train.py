@@ -11,9 +11,12 @@ def add_parser(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train routers on searched paths (teacher forcing, cached features)")
     add_model_args(p)
-    p.add_argument("--paths", required=True, help="JSONL written by `drllm search` (records with best_path)")
+    p.add_argument("--paths", required=True, help="JSONL written by `drllm search`")
     p.add_argument("--out", required=True, help="output folder: routers, checkpoints/, cache/, train_metrics.json")
     p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--min-margin", type=float, default=d.min_margin,
+                   help="learn a searched path only if the gold answer wins by this normalised log-likelihood "
+                        "margin (0: every correct path); records without one teach the default path")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimisation step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -27,7 +30,7 @@ def add_parser(subparsers) -> None:
                    help="prompts per base-model forward when computing features")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache)")
     p.add_argument("--cache-dtype", default=d.cache_dtype, choices=["float16", "float32"])
-    p.add_argument("--limit", type=int, default=None, help="use the first N records with a best_path")
+    p.add_argument("--limit", type=int, default=None, help="use the first N records")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json_arg(p)
@@ -38,7 +41,7 @@ def run(args) -> int:
     from ..train import CLASS_NAMES, TrainConfig, train_routers
 
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        epochs=args.epochs, min_margin=args.min_margin, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, gamma=args.gamma, beta=args.beta, val_fraction=args.val_fraction,
         seed=args.seed, num_windows=args.num_windows, extract_batch_size=args.extract_batch_size,
         cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, limit=args.limit, resume=not args.no_resume,
@@ -47,7 +50,7 @@ def run(args) -> int:
     model, tokenizer = load_model_from_args(args)
     result = train_routers(model, tokenizer, args.paths, args.out, config=config)
     ex = result["extract"]
-    print(f"{result['records']} examples ({result['skipped']} without a path skipped): "
+    print(f"{result['records']} examples ({result['default_labels']} teach the default path): "
           f"{result['train']} train, {result['val']} validation; features {ex['computed']} computed, "
           f"{ex['cached']} cached, {ex['seconds']:.1f} s; training {result['train_seconds']:.1f} s")
     final = result["final"]
