@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -112,3 +113,22 @@ def test_rejects_non_choice_example_in_loglik(tok):
         PathEvaluator(model, tok, Example(id="x", task="gsm8k", question="1+1?", answer="2"))
     with pytest.raises(ValueError, match="mode"):
         PathEvaluator(model, tok, EXAMPLE, mode="nope")
+
+
+def test_min_margin_reward_needs_a_decisive_win(tok):
+    """With ``min_margin`` a path wins only if the gold answer is correct by that margin; margins are unchanged."""
+    model = tiny_model("llama", seed=11)
+    # make the default path's answer the gold one, so that some paths are correct by various margins
+    label = PathEvaluator(model, tok, EXAMPLE).default.prediction
+    example = dataclasses.replace(EXAMPLE, answer=label, gold_index=EXAMPLE.labels.index(label))
+    loose = PathEvaluator(model, tok, example, max_paths=4).evaluate(PATHS)
+    correct = sorted(r.margin for r in loose if r.reward)
+    assert len(correct) >= 2
+    cut = correct[len(correct) // 2]  # about half of the correct paths lead by at least this much
+    strict = PathEvaluator(model, tok, example, max_paths=4, min_margin=cut).evaluate(PATHS)
+    for a, b in zip(loose, strict):
+        assert b.margin == a.margin
+        assert b.reward == int(a.reward == 1 and a.margin >= cut)
+    assert 0 < sum(r.reward for r in strict) < len(PATHS)
+    with pytest.raises(ValueError, match="min_margin"):
+        PathEvaluator(model, tok, EXAMPLE, min_margin=-1.0)

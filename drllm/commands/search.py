@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--length-cap", type=int, default=None, help="max path length (default 2L)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="do not stop once a correct path shorter than the default is found")
+    p.add_argument("--min-margin", type=float, default=0.0,
+                   help="loglik: a path wins only if the gold answer leads every other choice by this "
+                        "normalised log-likelihood margin (use the value you will train with)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation mode")
     p.add_argument("--merge", nargs="+", default=None, metavar=("OUT", "SHARD"),
                    help="only merge shard files: OUT SHARD [SHARD ...]")
@@ -103,7 +106,7 @@ def run(args) -> int:
     config = SearchConfig(
         simulations=args.simulations, c=args.c, penalty=args.penalty, epsilon=args.epsilon,
         length_cap=args.length_cap, early_stop=not args.no_early_stop, batch=args.batch, seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens, min_margin=args.min_margin,
     )
     model, tokenizer = load_model_from_args(args)
     out = shard_path(args.out, *shard) if shard else args.out

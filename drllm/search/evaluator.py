@@ -44,7 +44,9 @@ MODES = ("loglik", "generate")
 @dataclass(frozen=True)
 class PathResult:
     """Outcome of one path on one example. ``margin`` (log-likelihood mode
-    only) is the gold choice's normalised score minus the best wrong one's."""
+    only) is the gold choice's normalised score minus the best wrong one's;
+    ``reward`` is 1 when the answer is correct (log-likelihood mode: by a
+    margin of at least the evaluator's ``min_margin``)."""
 
     path: str
     reward: int
@@ -84,6 +86,7 @@ class PathEvaluator:
         style: str | None = None,
         normalize: str = "chars",
         max_new_tokens: int = 32,
+        min_margin: float = 0.0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -93,6 +96,9 @@ class PathEvaluator:
         self.mode, self.prefix, self.pack = mode, prefix, pack
         self.max_paths, self.max_rows = max_paths, max_rows
         self.normalize, self.max_new_tokens = normalize, max_new_tokens
+        if min_margin < 0:
+            raise ValueError(f"min_margin must be >= 0, got {min_margin}")
+        self.min_margin = min_margin
         info = describe(model)
         self.num_blocks = info.num_blocks
         self.device = info.device
@@ -254,7 +260,8 @@ class PathEvaluator:
         out = []
         for path, lps in zip(paths, logprobs):
             score = choice_scores_from_loglikelihoods(lps, self.example.gold_index, self.lengths)
-            out.append(PathResult(path_to_str(path), int(score.correct), float(score.margin), int(path.sum()),
+            wins = score.correct and score.margin >= self.min_margin
+            out.append(PathResult(path_to_str(path), int(wins), float(score.margin), int(path.sum()),
                                   self.example.labels[score.choice]))
         return out
 

@@ -9,10 +9,12 @@ alone, so records do not depend on the order, the sharding or on resuming.
 
 Record fields: ``id``, ``task``, ``reward_mode``, ``prompt`` (the routing
 context text: the cloze context in log-likelihood mode, the generation prompt
-otherwise), ``gold``, ``num_blocks``, ``default_reward``, ``default_margin``,
-``best_path`` (``"1101..."``, or null when the default path is wrong and no
-correct path was found), ``best_reward``, ``best_margin``, ``best_length``
-(null with a null ``best_path``), ``good_paths`` (correct paths, best first:
+otherwise), ``gold``, ``num_blocks``, ``min_margin`` (log-likelihood mode:
+how far the gold answer must lead for a path to win; null otherwise),
+``default_reward``, ``default_margin``, ``best_path`` (``"1101..."``, or null
+when the default path does not win and no winning path was found),
+``best_reward``, ``best_margin``, ``best_length`` (null with a null
+``best_path``), ``good_paths`` (winning paths, best first:
 ``{"path", "reward", "margin", "length"}``), ``evaluations``, ``simulations``,
 ``stopped_early``, ``seconds``.
 """
@@ -56,6 +58,7 @@ class SearchConfig(MCTSConfig):
     normalize: str = "chars"  # acc_norm
     max_new_tokens: int = 32  # generation mode
     max_good_paths: int | None = None  # keep at most this many good paths per record (None: all)
+    min_margin: float = 0.0  # loglik: a path wins only if the gold answer leads by this normalised margin
 
     def mcts(self) -> MCTSConfig:
         names = {f.name for f in fields(MCTSConfig)}
@@ -76,7 +79,7 @@ def search_example(model: Any, tokenizer: Any, example: Example, config: SearchC
     start = time.perf_counter()
     ev = evaluator or PathEvaluator(
         model, tokenizer, example, mode=reward, prefix=config.prefix, max_paths=config.batch,
-        max_rows=config.max_rows, style=config.style, normalize=config.normalize,
+        max_rows=config.max_rows, style=config.style, normalize=config.normalize, min_margin=config.min_margin,
         max_new_tokens=config.max_new_tokens,
     )
     res = mcts_search(ev.evaluate, ev.num_blocks, config.mcts(), random.Random(example_seed(config.seed, example.id)))
@@ -89,6 +92,7 @@ def search_example(model: Any, tokenizer: Any, example: Example, config: SearchC
         "prompt": ev.prompt,
         "gold": example.answer,
         "num_blocks": ev.num_blocks,
+        "min_margin": config.min_margin if reward == "loglik" else None,
         "default_reward": res.default.reward,
         "default_margin": res.default.margin,
         "best_path": best.path if best else None,
