@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
                    help="do not stop once a correct path shorter than the default is found")
     p.add_argument("--min-margin", type=float, default=0.0,
                    help="loglik: a path wins only if the gold answer leads every other choice by this "
-                        "normalised log-likelihood margin (use the value you will train with)")
+                        "normalised log-likelihood margin (default 0: any correct answer; on ARC-Easy, searching "
+                        "with 0 and filtering with `drllm train --min-margin` worked better, see RESULTS.md)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation mode")
     p.add_argument("--merge", nargs="+", default=None, metavar=("OUT", "SHARD"),
                    help="only merge shard files: OUT SHARD [SHARD ...]")
