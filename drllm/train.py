@@ -154,14 +154,13 @@ def label_path(record: dict, min_margin: float = 0.0) -> str:
 
 
 def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = None,
-                      min_margin: float = 0.0) -> tuple[list[dict], int]:
-    """Records of a search JSONL file, each with its training ``label`` (:func:`label_path`),
-    and how many of them teach the default path.
+                      min_margin: float = 0.0) -> list[dict]:
+    """Records of a search JSONL file, each with its training ``label`` (:func:`label_path`).
 
     Every path of a record must have one digit per block; a path of the wrong
     length for ``num_blocks`` is an error.
     """
-    records, defaults = [], 0
+    records = []
     with open(paths_file) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -185,10 +184,8 @@ def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = No
                     )
             if not isinstance(rec.get("num_blocks"), int):
                 raise ValueError(f"{paths_file}:{line_no}: record without an integer 'num_blocks'")
-            label = label_path(rec, min_margin)
-            defaults += label == "1" * len(label)
-            records.append({**rec, "label": label})
-    return records, defaults
+            records.append({**rec, "label": label_path(rec, min_margin)})
+    return records
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -546,7 +543,7 @@ def train_routers(
     info = describe(model)
     L = info.num_blocks
 
-    records, _ = load_path_records(paths_file, L, config.min_margin)
+    records = load_path_records(paths_file, L, config.min_margin)
     if config.limit is not None:
         records = records[: config.limit]
     if not records:
