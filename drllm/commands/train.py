@@ -43,7 +43,8 @@ def run(args) -> int:
     config = TrainConfig(
         epochs=args.epochs, min_margin=args.min_margin, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, gamma=args.gamma, beta=args.beta,
-        val_fraction=args.val_fraction, seed=args.seed, num_windows=args.num_windows, extract_batch_size=args.extract_batch_size,
+        val_fraction=args.val_fraction, seed=args.seed, num_windows=args.num_windows,
+        extract_batch_size=args.extract_batch_size,
         cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, limit=args.limit, resume=not args.no_resume,
         progress=not args.no_progress,
     )
