@@ -144,3 +144,9 @@ def make_inputs(B, T, H, lengths, left_pad, dtype=torch.float32, seed=0, mask_dt
     b1 = 0.1 * torch.randn(128, generator=gen)
     b2 = 0.1 * torch.randn(3, generator=gen)
     return hidden, mask, w1, b1, w2, b2
+
+
+def output_cache(out):
+    """The KV cache a model output returns: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

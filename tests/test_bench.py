@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import drllm
-from conftest import random_batch, tiny_model
+from conftest import output_cache, random_batch, tiny_model
 from drllm import bench
 from drllm.runtime import executor
 
@@ -163,11 +163,11 @@ def test_select_policy_plans_and_slot_rows(policy):
     assert executor.plan_block(paths[:, 3], torch.device("cpu"))[1].mode == executor.SOME  # 1 of 4 rows
     with drllm.forced_paths(model, paths):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        rows = [layer.keys.shape[0] if layer.is_initialized else 0 for layer in out.past_key_values.layers]
+        rows = [layer.keys.shape[0] if layer.is_initialized else 0 for layer in output_cache(out).layers]
         assert rows[:L] == [4, 4, 4, 4] and rows[L:] == [0, 0, 4, 1]
         policy("gather")
         gathered = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        rows = [layer.keys.shape[0] if layer.is_initialized else 0 for layer in gathered.past_key_values.layers]
+        rows = [layer.keys.shape[0] if layer.is_initialized else 0 for layer in output_cache(gathered).layers]
         assert rows[:L] == [3, 3, 4, 4] and rows[L:] == [0, 0, 2, 1]
         torch.testing.assert_close(out.logits, gathered.logits, rtol=1e-5, atol=1e-5)
         # Cache-free forwards gather whatever the policy: the rows run are exactly the active rows.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache, LlamaModel
 
 import drllm
-from conftest import FAMILIES, VOCAB, random_batch, tiny_model, weights_hash
+from drllm.runtime.adapters import cache_kwarg
+from conftest import FAMILIES, VOCAB, output_cache, random_batch, tiny_model, weights_hash
 
 L = 4
 
@@ -106,6 +108,28 @@ def test_cached_generation_matches_recomputation(family, seed, ops_backend):
         full = recompute_logits(model, seq, mask, ids.shape[1])
     torch.testing.assert_close(gen_logits, full, rtol=1e-4, atol=1e-4)
     assert torch.equal(seq[:, ids.shape[1] :], full.argmax(-1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keyword", sorted({"past_key_values", cache_kwarg(LlamaModel.forward)}))
+def test_hand_driven_cache_matches_recomputation(keyword):
+    """A decoding loop that passes the cache itself, by the current keyword or the deprecated one
+    (transformers renamed ``past_key_values`` to ``cache`` in 5.24): each step's logits are what a
+    cache-free forward of the whole sequence gives."""
+    model = tiny_model("llama", seed=3)
+    ids, mask = random_batch(3, 7, seed=31)
+    paths = random_paths(3, seed=32)
+    steps = torch.randint(1, VOCAB, (3, 4), generator=torch.Generator().manual_seed(33))
+    with drllm.forced_paths(model, paths):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{keyword: DynamicCache()})
+        cache, logits, full_mask = output_cache(out), [out.logits[:, -1]], mask
+        for t in range(steps.shape[1]):
+            full_mask = torch.cat([full_mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+            out = model(input_ids=steps[:, t : t + 1], attention_mask=full_mask, use_cache=True, **{keyword: cache})
+            assert output_cache(out) is cache
+            logits.append(out.logits[:, -1])
+        full = recompute_logits(model, torch.cat([ids, steps], 1), mask, ids.shape[1])
+    torch.testing.assert_close(torch.stack(logits[:-1], 1), full, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

@@ -2,12 +2,15 @@
 
 Llama, Qwen2, Qwen3 and Mistral share the transformers 5.x decoder layout
 (``model.model.layers``, layers called with keyword arguments, K/V written
-through ``past_key_values.update(k, v, layer_idx)``), so one adapter serves
-all four; a new family is added here once checked against the tests.
+through ``cache.update(k, v, layer_idx)``), so one adapter serves all four; a
+new family is added here once checked against the tests. The cache keyword is
+``cache`` from transformers 5.24 and ``past_key_values`` before
+(:func:`cache_kwarg`).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,11 @@ class ModelInfo:
     num_blocks: int
     device: torch.device
     base: nn.Module  # the module owning ``layers`` (e.g. LlamaModel)
+
+
+def cache_kwarg(forward) -> str:
+    """The keyword ``forward`` takes its KV cache by: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def decoder(model: nn.Module) -> nn.Module:

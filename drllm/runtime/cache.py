@@ -87,7 +87,7 @@ class RoutedCache(Cache):
 
 
 class SlotView:
-    """What one (block, pass) sees as ``past_key_values``: writes go to its slot."""
+    """What one (block, pass) sees as its KV cache: writes go to its slot."""
 
     __slots__ = ("cache", "slot")
 

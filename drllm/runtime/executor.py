@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from .. import ops
+from .adapters import cache_kwarg
 from .cache import RoutedCache, SlotView
 
 NONE, ALL, SOME, SELECT = 0, 1, 2, 3
@@ -263,6 +264,7 @@ def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
 
 def routed_block(layer_forward: Callable, block: int, state) -> Callable:
     """Wrap a decoder layer's ``forward`` so it follows each row's decisions."""
+    name = cache_kwarg(layer_forward)
 
     def forward(hidden_states, *args, **kwargs):
         call = state.call
@@ -273,26 +275,27 @@ def routed_block(layer_forward: Callable, block: int, state) -> Callable:
         # ``kwargs`` is this call's own dict: the slot view is written into it.
         if first.mode == ALL:  # the common case: the whole batch, no copies
             if cache is not None:
-                kwargs["past_key_values"] = cache.views[block]
+                kwargs[name] = cache.views[block]
             hidden_states = layer_forward(hidden_states, *args, **kwargs)
         elif first.mode != NONE:
-            hidden_states = _run_rows(layer_forward, hidden_states, args, kwargs, first, call, block)
+            hidden_states = _run_rows(layer_forward, hidden_states, args, kwargs, first, call, block, name)
         if second.mode == NONE:
             return hidden_states
         if second.mode == ALL:
             if cache is not None:
-                kwargs["past_key_values"] = cache.views[cache.num_blocks + block]
+                kwargs[name] = cache.views[cache.num_blocks + block]
             return layer_forward(hidden_states, *args, **kwargs)
-        return _run_rows(layer_forward, hidden_states, args, kwargs, second, call, block + call.decisions.shape[1])
+        slot = block + call.decisions.shape[1]
+        return _run_rows(layer_forward, hidden_states, args, kwargs, second, call, slot, name)
 
     return forward
 
 
-def _run_rows(layer_forward, hidden_states, args, kwargs, plan: PassPlan, call: Call, slot: int):
-    """One pass run by a subset of the rows: select or gather/scatter."""
+def _run_rows(layer_forward, hidden_states, args, kwargs, plan: PassPlan, call: Call, slot: int, name: str):
+    """One pass run by a subset of the rows: select or gather/scatter (``name``: the cache keyword)."""
     cache = call.cache
     if cache is not None:
-        kwargs["past_key_values"] = cache.views[slot]
+        kwargs[name] = cache.views[slot]
         if plan.mode == SELECT:
             out = layer_forward(hidden_states, *args, **kwargs)
             return torch.where(plan.mask, out, hidden_states)

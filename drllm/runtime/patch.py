@@ -11,7 +11,7 @@ from torch import nn
 
 from ..paths import as_paths, default_path
 from ..routers import Routers
-from .adapters import describe
+from .adapters import cache_kwarg, describe
 from .cache import RoutedCache
 from .executor import ALL, Call, PassPlan, plan_block, routed_block
 
@@ -193,10 +193,15 @@ def _prefix_plan(decisions: torch.Tensor, states: list, sources: torch.Tensor, d
 
 def _routed_model_forward(base: nn.Module, original, state: RoutingState):
     signature = inspect.signature(original)
+    name = cache_kwarg(original)
 
     def forward(*args, routing_mask: torch.Tensor | None = None, **kwargs):
         kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
         kwargs.update(kwargs.pop("kwargs", {}))
+        if name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated spelling
+            legacy = kwargs.pop("past_key_values")
+            if kwargs.get(name) is None:
+                kwargs[name] = legacy
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -208,7 +213,7 @@ def _routed_model_forward(base: nn.Module, original, state: RoutingState):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = base.config.use_cache
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(name)
         if isinstance(cache, RoutedCache) and cache.decisions is not None:
             if cache.decisions.shape[0] != batch:
                 raise ValueError(f"the cache holds {cache.decisions.shape[0]} rows but the input has {batch}")
@@ -227,7 +232,7 @@ def _routed_model_forward(base: nn.Module, original, state: RoutingState):
             call = _prefill_call(state, batch, _pool_mask(kwargs.get("attention_mask"), routing_mask, batch, length, tokens.device), tokens.device)
         call.cache = cache
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[name] = cache
         state.call = call
         try:
             out = original(**kwargs)
