@@ -18,7 +18,7 @@ from .evaluate import evaluate
 from .integrations.plotting import decision_heatmap, decision_histogram
 from .models import load_model
 from .routers import Routers
-from .search import SearchConfig, run_search
+from .search import SearchConfig, block_gains, probe_skips, run_search
 from .tasks import load_task
 from .train import TrainConfig, train_routers
 
@@ -29,7 +29,9 @@ TASK = "arc_easy"
 class DemoSettings:
     """Sizes of each stage; ``n_eval=None`` evaluates the whole validation split.
     ``min_margin``: how decisively a searched path must win to be learned
-    (:func:`drllm.train.label_path`)."""
+    (:func:`drllm.train.label_path`). ``probe_skips``: also probe every
+    single-block skip on the searched items, so items without a decisive path
+    teach the skip they share (:func:`drllm.search.shared_skip`)."""
 
     n_search: int
     simulations: int
@@ -37,6 +39,7 @@ class DemoSettings:
     epochs: int = 25
     seed: int = 0
     min_margin: float = TrainConfig.min_margin
+    probe_skips: bool = False
 
 
 # Default: about 14 minutes on a quiet 2-core CPU (search ~0.9 s per item,
@@ -92,16 +95,22 @@ def run_demo(
     model, tokenizer = load_model(model_name, device=device)
     lap("load")
 
-    search = run_search(
-        model, tokenizer, train_items, out / "paths.jsonl",
-        config=SearchConfig(simulations=settings.simulations, seed=settings.seed), reward="loglik", progress=progress,
-    )
+    search_config = SearchConfig(simulations=settings.simulations, seed=settings.seed)
+    search = run_search(model, tokenizer, train_items, out / "paths.jsonl", config=search_config, reward="loglik",
+                        progress=progress)
     lap("search")
+    skips_file = None
+    if settings.probe_skips:
+        skips_file = out / "skips.jsonl"
+        search["block_gains"] = block_gains(probe_skips(model, tokenizer, train_items, skips_file,
+                                                        config=search_config, progress=progress))
+        lap("skip probe")
 
     training = train_routers(
         model, tokenizer, out / "paths.jsonl", out / "routers",
         config=TrainConfig(epochs=settings.epochs, seed=settings.seed, min_margin=settings.min_margin,
                            progress=progress, device=str(model.device)),
+        skips_file=skips_file,
     )
     lap("train")
 
@@ -118,8 +127,8 @@ def run_demo(
         "model": model_name or model.config.name_or_path,
         "settings": asdict(settings),
         "search": search,
-        "train": {k: training[k] for k in ("final", "records", "default_labels", "class_counts", "class_weights",
-                                           "train", "val", "train_seconds")},
+        "train": {k: training[k] for k in ("final", "records", "default_labels", "shared_skip", "shared_labels",
+                                           "class_counts", "class_weights", "train", "val", "train_seconds")},
         "vanilla": result["vanilla"],
         "routed": result["routed"],
         "difference": result["difference"],
@@ -132,6 +141,13 @@ def run_demo(
     _write_report(out / "report.md", summary, result)
     write_json_atomic(out / "summary.json", summary)
     return {**summary, "table": results_table(result)}
+
+
+def _shared_line(train: dict) -> str:
+    if train["shared_skip"] is None:
+        return "No single-block skip was probed, or every one lost more items than it gained."
+    return (f"Single-block skip probe: block {train['shared_skip']} is the skip the items share; "
+            f"{train['shared_labels']} items teach it.")
 
 
 def _write_report(path: Path, summary: dict, result: dict) -> None:
@@ -152,6 +168,7 @@ mean layers saved per pass by the best path {s['mean_layers_saved']:.2f}, improv
 
 {t['records']} searched items; a path is learned only if the gold answer wins by a margin of at least
 {summary['settings']['min_margin']} (normalised log-likelihood): {t['default_labels']} items teach the default path.
+{_shared_line(t)}
 
 ## Vanilla vs routed ({summary['n_eval']} validation items)
 

@@ -45,6 +45,8 @@ from .batching import pad_batch
 from .paths import path_from_str
 from .routers import Routers
 from .runtime.adapters import describe
+from .search.run import read_records
+from .search.skips import shared_skip, skip_paths
 
 __all__ = [
     "TrainConfig",
@@ -130,16 +132,21 @@ class TrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def label_path(record: dict, min_margin: float = 0.0) -> str:
-    """The path a search record teaches: its best correct path that wins by ``min_margin``, else the default.
+def label_path(record: dict, min_margin: float = 0.0, shared: int | None = None, probe: dict | None = None) -> str:
+    """The path a search record teaches: its best correct path that wins by ``min_margin``, else the
+    shared skip, else the default.
 
     Candidates are the record's ``good_paths`` (and ``best_path``) whose gold
     answer beats every other choice by at least ``min_margin`` of normalised
     log-likelihood (generation records carry no margin and count every
-    correct path); the shortest wins, then the widest margin. A record with no
-    such path teaches the default path (execute every block): on a small model
+    correct path); the shortest wins, then the widest margin. On a small model
     most answers are near ties, and a path that only just flips one teaches
     routers noise, which they then apply to inputs where it costs accuracy.
+
+    A record with no such path teaches skipping block ``shared`` alone
+    (:func:`drllm.search.shared_skip`) when its own skip ``probe``
+    (:func:`drllm.search.probe_skips`) shows that skip not turning its right
+    answer wrong; otherwise the default path (execute every block).
     """
     L = int(record["num_blocks"])
     found = list(record.get("good_paths") or [])
@@ -147,15 +154,20 @@ def label_path(record: dict, min_margin: float = 0.0) -> str:
         found.append({"path": record["best_path"], "margin": record.get("best_margin"),
                       "length": record.get("best_length")})
     wins = [g for g in found if g["margin"] is None or g["margin"] >= min_margin]
-    if not wins:
-        return "1" * L
-    best = min(wins, key=lambda g: (sum(map(int, g["path"])), -(g["margin"] or 0.0), g["path"]))
-    return best["path"]
+    if wins:
+        best = min(wins, key=lambda g: (sum(map(int, g["path"])), -(g["margin"] or 0.0), g["path"]))
+        return best["path"]
+    if shared is not None and probe is not None:
+        if not (probe["default_margin"] > 0 and probe["skip_margins"][shared] <= 0):
+            return skip_paths(L)[shared]
+    return "1" * L
 
 
 def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = None,
-                      min_margin: float = 0.0) -> list[dict]:
-    """Records of a search JSONL file, each with its training ``label`` (:func:`label_path`).
+                      min_margin: float = 0.0, shared: int | None = None,
+                      probes: dict[str, dict] | None = None) -> list[dict]:
+    """Records of a search JSONL file, each with its training ``label`` (:func:`label_path`; ``probes``
+    maps ids to skip-probe records).
 
     Every path of a record must have one digit per block; a path of the wrong
     length for ``num_blocks`` is an error.
@@ -184,7 +196,8 @@ def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = No
                     )
             if not isinstance(rec.get("num_blocks"), int):
                 raise ValueError(f"{paths_file}:{line_no}: record without an integer 'num_blocks'")
-            records.append({**rec, "label": label_path(rec, min_margin)})
+            probe = (probes or {}).get(rec.get("id"))
+            records.append({**rec, "label": label_path(rec, min_margin, shared, probe)})
     return records
 
 
@@ -519,11 +532,14 @@ def train_routers(
     out_dir: str | os.PathLike,
     *,
     config: TrainConfig | None = None,
+    skips_file: str | os.PathLike | None = None,
     callback: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Train routers for ``model`` from the labelled paths in ``paths_file``; write them to ``out_dir``.
 
-    Each record teaches :func:`label_path` with ``config.min_margin``. Features are read from
+    Each record teaches :func:`label_path` with ``config.min_margin``; with ``skips_file`` (written by
+    :func:`drllm.search.probe_skips`), records without a decisive path teach the skip of
+    :func:`drllm.search.shared_skip` of those probes where their own probe allows. Features are read from
     (or added to) the cache, then ``config.epochs`` epochs run on it. After
     each epoch a checkpoint is written and ``callback(epoch, metrics)`` is
     called (1-based epoch; an exception there interrupts the run, which a
@@ -533,7 +549,8 @@ def train_routers(
 
     Returns a dict: ``history`` (per epoch: ``lr``, ``train`` and ``val``
     metrics from :func:`classification_metrics`), ``final`` (the last
-    entry), counts (``records``, ``default_labels``, ``train``, ``val``), the label
+    entry), counts (``records``, ``default_labels``, ``shared_labels``, ``train``, ``val``),
+    ``shared_skip`` (the block, or None), the label
     ``class_counts`` and ``class_weights``, ``extract`` (cache hits, computed,
     seconds), ``train_seconds``, ``resumed_from`` (epoch or None).
     """
@@ -543,12 +560,17 @@ def train_routers(
     info = describe(model)
     L = info.num_blocks
 
-    records = load_path_records(paths_file, L, config.min_margin)
+    probes = {r["id"]: r for r in read_records(skips_file)} if skips_file is not None else {}
+    if any(r["num_blocks"] != L for r in probes.values()):
+        raise ValueError(f"{skips_file}: skip probes of a model with another number of blocks than {L}")
+    shared = shared_skip(list(probes.values()))
+    records = load_path_records(paths_file, L, config.min_margin, shared, probes)
     if config.limit is not None:
         records = records[: config.limit]
     if not records:
         raise ValueError(f"{paths_file}: no search record to learn from")
     default_labels = sum(r["label"] == "1" * L for r in records)
+    shared_labels = 0 if shared is None else sum(r["label"] == skip_paths(L)[shared] for r in records)
 
     # ---- features (cached)
     t0 = time.perf_counter()
@@ -674,6 +696,8 @@ def train_routers(
         "out_dir": str(out_dir),
         "records": len(records),
         "default_labels": default_labels,
+        "shared_skip": shared,
+        "shared_labels": shared_labels,
         "train": len(train_idx),
         "val": len(val_idx),
         "num_blocks": L,

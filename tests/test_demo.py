@@ -8,6 +8,7 @@ import pytest
 import drllm
 from conftest import SHARED_DATA, needs_shared_data
 from drllm.cli import main
+from drllm.search import read_records, shared_skip
 from drllm.train import label_path
 
 pytestmark = [
@@ -18,8 +19,8 @@ pytestmark = [
 
 def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys):
     out, summary_file = tmp_path / "demo", tmp_path / "summary.json"
-    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(SHARED_DATA), "--no-progress",
-                 "--json", str(summary_file)]) == 0
+    assert main(["demo", "--quick", "--probe-skips", "--out", str(out), "--data-dir", str(SHARED_DATA),
+                 "--no-progress", "--json", str(summary_file)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(summary_file.read_text())
     L = summary["num_blocks"]
@@ -30,13 +31,20 @@ def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys):
     assert v["mean_path_length"] == L
     assert summary["difference"]["accuracy"] == pytest.approx(r["accuracy"] - v["accuracy"])
     assert f"{r['accuracy']:.3f}" in printed and f"{v['accuracy']:.3f}" in printed
-    assert set(summary["seconds"]) == {"load", "search", "train", "eval"}
+    assert set(summary["seconds"]) == {"load", "search", "skip probe", "train", "eval"}
     routers = drllm.Routers.from_pretrained(out / "routers")
     assert routers.num_blocks == L and routers.model_type == "llama"
     report = (out / "report.md").read_text()
     assert (out / "heatmap.png").stat().st_size > 0 and report.startswith("# drllm demo")
-    # training learned each searched item's label_path at the demo's margin, and the report says how many kept the default
+    # training learned each searched item's label_path at the demo's margin with the probed shared skip,
+    # and the report says how many kept the default and which skip the items share
     records = [json.loads(line) for line in (out / "paths.jsonl").read_text().splitlines()]
-    labels = [label_path(rec, summary["settings"]["min_margin"]) for rec in records]
+    probes = {p["id"]: p for p in read_records(out / "skips.jsonl")}
+    assert sorted(probes) == sorted(r["id"] for r in records)
+    shared = shared_skip(list(probes.values()))
+    assert summary["train"]["shared_skip"] == shared
+    labels = [label_path(rec, summary["settings"]["min_margin"], shared, probes[rec["id"]]) for rec in records]
     assert summary["train"]["records"] == 8 and summary["train"]["default_labels"] == labels.count("1" * L)
     assert f"{summary['train']['default_labels']} items teach the default path" in report
+    if shared is not None:
+        assert f"block {shared} is the skip the items share; {summary['train']['shared_labels']} items" in report

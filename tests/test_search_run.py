@@ -158,3 +158,41 @@ def test_cli_torchrun_ranks_and_merge(reference, setup, tmp_path, monkeypatch, c
     merged = tmp_path / "merged.jsonl"
     assert main(["search", "--merge", str(merged), str(shard_path(out, 0, 2)), str(shard_path(out, 1, 2))]) == 0
     assert sorted(r["id"] for r in read_records(merged)) == [f"toy-{i}" for i in range(5)]
+
+
+def test_skip_probe_matches_direct_evaluation_and_resumes(setup, tmp_path):
+    """Each probe record holds the margins PathEvaluator gives the single-skip paths; a rerun after a torn
+    last line recomputes only what is missing and ends with the same records."""
+    from drllm.search import PathEvaluator, block_gains, probe_skips, shared_skip, skip_paths
+
+    model, tok = setup
+    examples = make_examples(4)
+    out = tmp_path / "skips.jsonl"
+    records = probe_skips(model, tok, examples, out, config=CONFIG, progress=False)
+    assert [r["id"] for r in records] == [e.id for e in examples]
+    for ex, rec in zip(examples, records):
+        ev = PathEvaluator(model, tok, ex, mode="loglik", prefix=False)
+        assert rec["num_blocks"] == 5 and rec["default_margin"] == pytest.approx(ev.default.margin, abs=1e-4)
+        assert rec["skip_margins"] == pytest.approx([r.margin for r in ev.evaluate(skip_paths(5))], abs=1e-4)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2][:15])  # interrupted while writing the third record
+    again = probe_skips(model, tok, examples, out, config=CONFIG, progress=False)
+    assert strip(again) == strip(records) and strip(read_records(out)) == strip(records)
+    gains = block_gains(records)
+    assert [g["net"] for g in gains] == [g["gained"] - g["lost"] for g in gains]
+    best = shared_skip(records)
+    assert best is None or gains[best]["net"] == max(g["net"] for g in gains) >= 0
+
+
+def test_shared_skip_prefers_net_gain_then_fewest_flips():
+    from drllm.search import shared_skip
+
+    def rec(default, skips):
+        return {"num_blocks": 3, "default_margin": default, "skip_margins": skips}
+
+    # block 0: +1 -1 (net 0, 2 flips); block 1: no flip (net 0); block 2: -1 (net -1)
+    records = [rec(0.2, [-0.1, 0.1, -0.3]), rec(-0.2, [0.1, -0.1, -0.1]), rec(0.3, [0.2, 0.2, 0.1])]
+    assert shared_skip(records) == 1
+    assert shared_skip([rec(-0.2, [0.1, -0.1, -0.1])] + records) == 0  # net +1 beats fewer flips
+    assert shared_skip([rec(0.2, [-0.1, -0.1, -0.1])]) is None  # every skip loses
+    assert shared_skip([]) is None

@@ -175,6 +175,41 @@ def test_min_margin_changes_labels_and_training_data(setup, tmp_path):
         TrainConfig(min_margin=-0.1)
 
 
+def _probe(default_margin, skip_margins):
+    return {"id": "x", "num_blocks": len(skip_margins), "default_margin": default_margin, "skip_margins": skip_margins}
+
+
+def test_items_without_a_decisive_path_teach_the_shared_skip_unless_it_costs_their_answer():
+    robust = _record([{"path": "1101", "margin": 0.4, "length": 3}])
+    undecided = _record([{"path": "0111", "margin": 0.01, "length": 3}], default_margin=0.05)
+    assert label_path(robust, 0.2, shared=1, probe=_probe(0.5, [0.1, -0.2, 0.3, 0.1])) == "1101"  # its own path
+    assert label_path(undecided, 0.2, shared=1, probe=_probe(0.05, [0.1, 0.02, -0.3, 0.1])) == "1011"
+    assert label_path(undecided, 0.2, shared=1, probe=_probe(0.05, [0.1, -0.02, 0.3, 0.1])) == "1111"  # loses it
+    wrong_anyway = _record([], default_reward=0, default_margin=-0.3)
+    assert label_path(wrong_anyway, 0.2, shared=2, probe=_probe(-0.3, [0.1, 0.1, -0.5, 0.1])) == "1101"
+    assert label_path(undecided, 0.2, shared=1, probe=None) == "1111"  # not probed: the default
+    assert label_path(undecided, 0.2, shared=None, probe=_probe(0.05, [0.1] * 4)) == "1111"
+
+
+def test_training_with_skip_probes_teaches_the_shared_skip(setup, tmp_path):
+    model, tok = setup
+    records = synthetic_records(12, seed=6, null_every=3)  # 4 items without a path
+    f = write_jsonl(tmp_path / "paths.jsonl", records)
+    probes = [{"id": r["id"], "num_blocks": L, "default_margin": 0.1,
+               "skip_margins": [-0.1, 0.05, 0.2, -0.3] if i != 2 else [0.1, -0.2, 0.2, 0.1]}
+              for i, r in enumerate(records)]  # block 2 never loses an item; item 2 would lose block 1
+    skips = write_jsonl(tmp_path / "skips.jsonl", probes)
+    plain = train_routers(model, tok, f, tmp_path / "plain", config=_cfg(tmp_path, epochs=1, min_margin=0.0))
+    shared = train_routers(model, tok, f, tmp_path / "shared", config=_cfg(tmp_path, epochs=1, min_margin=0.0),
+                           skips_file=skips)
+    assert plain["shared_skip"] is None and plain["default_labels"] == 4
+    assert shared["shared_skip"] == 2 and shared["default_labels"] == 0
+    assert shared["shared_labels"] == 4 + sum(r["best_path"] == "1101" for r in records)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**probes[0], "num_blocks": 5, "skip_margins": [0.1] * 5}])
+    with pytest.raises(ValueError, match="another number of blocks"):
+        train_routers(model, tok, f, tmp_path / "bad", config=_cfg(tmp_path, epochs=1), skips_file=bad)
+
+
 def _cfg(tmp_path, **kw):
     base = dict(epochs=6, batch_size=16, val_fraction=0.2, progress=False, cache_dir=str(tmp_path / "cache"))
     base.update(kw)

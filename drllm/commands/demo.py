@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from .common import add_data_args, add_json_arg, write_json_atomic
@@ -20,6 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--min-margin", type=float, default=None,
                    help="learn a searched path only if the gold answer wins by this margin (see drllm train)")
+    p.add_argument("--probe-skips", action=argparse.BooleanOptionalAction, default=None,
+                   help="probe every single-block skip on the searched items and teach the one they share "
+                        "where no searched path wins (see drllm search --probe-skips)")
     p.add_argument("--no-progress", action="store_true")
     add_data_args(p)
     add_json_arg(p)
@@ -31,7 +35,8 @@ def run(args) -> int:
     from ..tasks import DataUnavailableError
 
     settings = QUICK if args.quick else DEFAULT
-    overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin")
+    overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin",
+                                                "probe_skips")
                  if getattr(args, k) is not None}
     settings = dataclasses.replace(settings, **overrides)
     try:

@@ -50,6 +50,10 @@ def add_parser(subparsers) -> None:
                         "normalised log-likelihood margin (default 0: any correct answer; on ARC-Easy, searching "
                         "with 0 and filtering with `drllm train --min-margin` worked better, see RESULTS.md)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation mode")
+    p.add_argument("--probe-skips", default=None, metavar="FILE",
+                   help="loglik: also record the gold margin with each single block skipped, per example, in "
+                        "FILE (resumed when it exists); `drllm train --skips FILE` then teaches the skip the "
+                        "items share where no path of their own wins (costs about 1.4x the search)")
     p.add_argument("--merge", nargs="+", default=None, metavar=("OUT", "SHARD"),
                    help="only merge shard files: OUT SHARD [SHARD ...]")
     p.add_argument("--no-progress", action="store_true")
@@ -68,6 +72,8 @@ def _print_summary(summary: dict, out) -> None:
         ["evaluations", summary["evaluations"]],
         ["evaluations / s", f"{summary['evaluations_per_second']:.2f}"],
     ]
+    if "shared_skip" in summary:
+        rows.append(["shared skip (probe)", "none" if summary["shared_skip"] is None else f"block {summary['shared_skip']}"])
     print(format_table(["figure", "value"], rows))
     print(f"records: {out}")
 
@@ -101,6 +107,8 @@ def run(args) -> int:
                 args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     else:
         shard = None
+    if args.probe_skips and (shard is not None or args.reward != "loglik"):
+        raise SystemExit("drllm search: --probe-skips needs --reward loglik and no sharding (probe in one process)")
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
     if not examples:
         raise SystemExit(f"drllm search: no examples in {args.task}/{args.split}")
@@ -114,6 +122,13 @@ def run(args) -> int:
     start = time.perf_counter()
     summary = run_search(model, tokenizer, examples, out, config=config, reward=args.reward, shard=shard,
                          progress=not args.no_progress and (sys.stderr.isatty() or shard is None or shard[0] == 0))
+    if args.probe_skips:
+        from ..search import block_gains, probe_skips, shared_skip
+
+        probes = probe_skips(model, tokenizer, examples, args.probe_skips, config=config,
+                             progress=not args.no_progress)
+        summary["shared_skip"] = shared_skip(probes)
+        summary["block_gains"] = block_gains(probes)
     summary["wall_seconds"] = time.perf_counter() - start
     if world > 1 and not args.shard:
         if rank != 0:

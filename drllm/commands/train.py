@@ -12,6 +12,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train routers on searched paths (teacher forcing, cached features)")
     add_model_args(p)
     p.add_argument("--paths", required=True, help="JSONL written by `drllm search`")
+    p.add_argument("--skips", default=None, metavar="FILE",
+                   help="skip probes from `drllm search --probe-skips`: items without a decisive path teach "
+                        "the single-block skip the probed items share, where their own probe allows")
     p.add_argument("--out", required=True, help="output folder: routers, checkpoints/, cache/, train_metrics.json")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--min-margin", type=float, default=d.min_margin,
@@ -49,8 +52,11 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     model, tokenizer = load_model_from_args(args)
-    result = train_routers(model, tokenizer, args.paths, args.out, config=config)
+    result = train_routers(model, tokenizer, args.paths, args.out, config=config, skips_file=args.skips)
     ex = result["extract"]
+    if result["shared_skip"] is not None:
+        print(f"shared skip from the probes: block {result['shared_skip']} "
+              f"({result['shared_labels']} examples teach it)")
     print(f"{result['records']} examples ({result['default_labels']} teach the default path): "
           f"{result['train']} train, {result['val']} validation; features {ex['computed']} computed, "
           f"{ex['cached']} cached, {ex['seconds']:.1f} s; training {result['train_seconds']:.1f} s")
