@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--probe-skips", default=None, metavar="FILE",
                    help="loglik: also record the gold margin with each single block skipped, per example, in "
                         "FILE (resumed when it exists); `drllm train --skips FILE` then teaches the skip the "
-                        "items share where no path of their own wins (costs about 1.4x the search)")
+                        "items share where no path of their own wins (costs about 1.5x the search)")
     p.add_argument("--merge", nargs="+", default=None, metavar=("OUT", "SHARD"),
                    help="only merge shard files: OUT SHARD [SHARD ...]")
     p.add_argument("--no-progress", action="store_true")
