@@ -184,6 +184,31 @@ def test_skip_probe_matches_direct_evaluation_and_resumes(setup, tmp_path):
     assert best is None or gains[best]["net"] == max(g["net"] for g in gains) >= 0
 
 
+def test_cli_probe_skips(setup, tmp_path, capsys):
+    from drllm.search import block_gains, probe_skips, shared_skip
+
+    model, tok = setup
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    _write_arc(tmp_path / "data", make_examples())
+    argv = ["search", "--model", str(model_dir), "--device", "cpu", "--task", "arc_easy", "--split", "train",
+            "--n", "3", "--simulations", "4", "--batch", "4", "--data-dir", str(tmp_path / "data"),
+            "--out", str(tmp_path / "paths.jsonl"), "--no-progress"]
+    skips = tmp_path / "skips.jsonl"
+    assert main(argv + ["--probe-skips", str(skips), "--json", str(tmp_path / "s.json")]) == 0
+    probes = read_records(skips)
+    assert [p["id"] for p in probes] == [f"toy-{i}" for i in range(3)]
+    again = probe_skips(model, tok, make_examples(3), tmp_path / "direct.jsonl", progress=False)
+    for a, b in zip(probes, again):
+        assert a["skip_margins"] == pytest.approx(b["skip_margins"], abs=1e-4)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["shared_skip"] == shared_skip(probes) and summary["block_gains"] == block_gains(probes)
+    assert "shared skip (probe)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--probe-skips needs"):
+        main(argv + ["--probe-skips", str(skips), "--shard", "0/2"])
+
+
 def test_shared_skip_prefers_net_gain_then_fewest_flips():
     from drllm.search import shared_skip
 

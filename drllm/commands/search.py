@@ -73,7 +73,8 @@ def _print_summary(summary: dict, out) -> None:
         ["evaluations / s", f"{summary['evaluations_per_second']:.2f}"],
     ]
     if "shared_skip" in summary:
-        rows.append(["shared skip (probe)", "none" if summary["shared_skip"] is None else f"block {summary['shared_skip']}"])
+        block = summary["shared_skip"]
+        rows.append(["shared skip (probe)", "none" if block is None else f"block {block}"])
     print(format_table(["figure", "value"], rows))
     print(f"records: {out}")
 

@@ -1,14 +1,15 @@
 """Single-block skip probe: what skipping each block alone does to each searched item.
 
-Why: on a small model a single skip flips 5-15 % of the answers both ways, so
-the paths the search finds item by item skip blocks at random places and
-routers cannot learn them. What routers can learn is a skip many items share.
+Why: on a small model a single skip flips many answers both ways (8-38 % of
+ARC-Easy items on SmolLM2-135M), so the paths the search finds item by item
+skip blocks at scattered places and routers cannot learn them. What routers can learn is a skip many items share.
 The probe measures, for every item and block, the gold margin with only that
 block skipped; :func:`shared_skip` picks the block whose skip gains at least
 as many items as it loses (the most net gain, then the fewest flips), and
 :func:`drllm.train.label_path` lets items without a decisive path of their own
 teach that skip instead of the full path, unless the item's own probe shows
-the skip costing its answer.
+the skip costing its answer. (On SmolLM2-135M the block picked this way did
+not hold up on validation items: ``benchmarks/RESULTS.md``, Demo.)
 
 Records (one JSONL line per item, appended and fsynced, resumed by id like
 the search's): ``id``, ``num_blocks``, ``default_margin``, ``skip_margins``
