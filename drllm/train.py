@@ -46,7 +46,7 @@ from .paths import path_from_str
 from .routers import Routers
 from .runtime.adapters import describe
 from .search.run import read_records
-from .search.skips import shared_skip, skip_paths
+from .search.skips import shared_skip, skip_loses, skip_paths
 
 __all__ = [
     "TrainConfig",
@@ -157,9 +157,8 @@ def label_path(record: dict, min_margin: float = 0.0, shared: int | None = None,
     if wins:
         best = min(wins, key=lambda g: (sum(map(int, g["path"])), -(g["margin"] or 0.0), g["path"]))
         return best["path"]
-    if shared is not None and probe is not None:
-        if not (probe["default_margin"] > 0 and probe["skip_margins"][shared] <= 0):
-            return skip_paths(L)[shared]
+    if shared is not None and probe is not None and not skip_loses(probe, shared):
+        return skip_paths(L)[shared]
     return "1" * L
 
 

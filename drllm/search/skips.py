@@ -2,8 +2,8 @@
 
 Why: on a small model a single skip flips many answers both ways (8-38 % of
 ARC-Easy items on SmolLM2-135M), so the paths the search finds item by item
-skip blocks at scattered places and routers cannot learn them. What routers can learn is a skip many items share.
-The probe measures, for every item and block, the gold margin with only that
+skip blocks at scattered places and routers cannot learn them. What routers
+can learn is a skip many items share. The probe measures, for every item and block, the gold margin with only that
 block skipped; :func:`shared_skip` picks the block whose skip gains at least
 as many items as it loses (the most net gain, then the fewest flips), and
 :func:`drllm.train.label_path` lets items without a decisive path of their own
@@ -28,7 +28,7 @@ from ..tasks import Example
 from .evaluator import PathEvaluator
 from .run import SearchConfig, _append, _repair
 
-__all__ = ["probe_skips", "skip_paths", "block_gains", "shared_skip"]
+__all__ = ["probe_skips", "skip_paths", "skip_loses", "block_gains", "shared_skip"]
 
 
 def skip_paths(num_blocks: int) -> list[str]:
@@ -72,6 +72,11 @@ def probe_skips(model: Any, tokenizer: Any, examples: Sequence[Example], out_pat
     return [done[e.id] for e in examples]
 
 
+def skip_loses(probe: dict, block: int) -> bool:
+    """Whether skipping ``block`` turns the probed item's right answer wrong."""
+    return probe["default_margin"] > 0 and probe["skip_margins"][block] <= 0
+
+
 def block_gains(records: Sequence[dict]) -> list[dict]:
     """Per block: items whose answer the skip makes right (``gained``) or wrong (``lost``), and ``net``."""
     if not records:
@@ -79,7 +84,7 @@ def block_gains(records: Sequence[dict]) -> list[dict]:
     L = records[0]["num_blocks"]
     out = []
     for i in range(L):
-        lost = sum(1 for r in records if r["default_margin"] > 0 and r["skip_margins"][i] <= 0)
+        lost = sum(1 for r in records if skip_loses(r, i))
         gained = sum(1 for r in records if r["default_margin"] <= 0 and r["skip_margins"][i] > 0)
         out.append({"block": i, "gained": gained, "lost": lost, "net": gained - lost})
     return out
