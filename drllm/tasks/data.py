@@ -5,12 +5,14 @@ Data can come from
 * a local JSONL file (``path=``),
 * a folder holding ``<task>/<split>.jsonl`` (``data_dir=`` or the
   ``DRLLM_DATA_DIR`` environment variable),
+* the copy embedded in the package (:data:`EMBEDDED`: the ARC items the demo
+  needs, so it runs offline),
 * the Hugging Face hub through ``datasets`` (imported lazily).
 
 Resolution order for a task name: explicit ``data_dir``, else
-``DRLLM_DATA_DIR``, else the hub. An explicit ``data_dir`` is strict (a missing
-file is an error); a file missing from ``DRLLM_DATA_DIR`` falls through to the
-hub.
+``DRLLM_DATA_DIR``, else the embedded copy, else the hub. An explicit
+``data_dir`` is strict (a missing file is an error); the others fall through,
+and the final error names every place that was tried.
 
 Both ARC schemas are accepted, line by line:
 
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_SPLITS",
     "HF_DATASETS",
     "DATA_DIR_ENV",
+    "EMBEDDED",
     "Example",
     "DataFormatError",
     "DataUnavailableError",
@@ -49,6 +52,16 @@ ARC_TASKS = ("arc_easy", "arc_challenge")
 TASKS = ARC_TASKS + ("gsm8k", "math")
 
 DATA_DIR_ENV = "DRLLM_DATA_DIR"
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+#: What ships in ``embedded/<task>/<split>.jsonl`` (ARC, CC BY-SA 4.0; see its
+#: README): (task, split) -> how many leading items of the split it holds,
+#: None for all of them.
+EMBEDDED: dict[tuple[str, str], int | None] = {
+    ("arc_easy", "train"): 500,
+    ("arc_easy", "validation"): None,
+    ("arc_challenge", "validation"): None,
+}
 
 #: Split used when ``split=None``. Only ``train`` of GSM8K and MATH ships with
 #: the development data (evaluate on a held-out slice of it).
@@ -387,41 +400,54 @@ def load_jsonl(
     return out[:limit] if limit is not None else out
 
 
-def _how_to_provide(task: str, split: str) -> str:
-    return (
-        f"Provide the data locally: pass --data-dir DIR (data_dir=DIR) or set the "
-        f"{DATA_DIR_ENV} environment variable to a folder holding "
-        f"{task}/{split}.jsonl, or pass the path of a JSONL file (path=...)."
-    )
+def _embedded_file(task: str, split: str, limit: int | None) -> Path | None:
+    """The embedded JSONL of ``task/split`` when it holds the ``limit`` items asked for."""
+    if (task, split) not in EMBEDDED:
+        return None
+    held = EMBEDDED[task, split]
+    if held is not None and (limit is None or limit > held):
+        return None
+    return EMBEDDED_DIR / task / f"{split}.jsonl"
 
 
-def _load_hub(
-    task: str,
-    split: str,
-    hf_name: str | None,
-    hf_config: str | None,
-) -> list[Mapping[str, Any]]:
+def _embedded_miss(task: str, split: str, limit: int | None) -> str:
+    """Why the embedded copy cannot serve ``task/split`` (for the final error)."""
+    held = EMBEDDED.get((task, split))
+    if held is not None:
+        return f"the embedded copy holds the first {held} items of {task}/{split}, not {limit or 'all'}"
+    return f"the embedded copy holds only {', '.join(f'{t}/{s}' for t, s in EMBEDDED)}"
+
+
+def _how_to_provide(task: str, split: str, env_dir: str | None) -> str:
+    # with the variable already set, telling the user to set it would send them in a circle
+    if env_dir:
+        return (f"Add {task}/{split}.jsonl to {env_dir}, or pass --data-dir DIR (data_dir=DIR) "
+                f"or the path of a JSONL file (path=...).")
+    return (f"Provide the data locally: pass --data-dir DIR (data_dir=DIR) or set the {DATA_DIR_ENV} "
+            f"environment variable to a folder holding {task}/{split}.jsonl, or pass the path of a JSONL "
+            f"file (path=...).")
+
+
+def _load_hub(task: str, split: str, hf_name: str | None, hf_config: str | None,
+              looked: list[str], env_dir: str | None) -> list[Mapping[str, Any]]:
+    """Records of ``task/split`` from the hub; the error lists ``looked`` (the places tried before)."""
+    name, configs = (hf_name, (hf_config,)) if hf_name is not None else HF_DATASETS[task]
+
+    def unavailable(reason: str) -> DataUnavailableError:
+        places = "; ".join([*looked, f"the Hugging Face hub ({name}): {reason}"])
+        return DataUnavailableError(f"cannot load {task}/{split}: {places}. {_how_to_provide(task, split, env_dir)}")
+
     try:
-        import datasets  # noqa: F401  (lazy: optional dependency)
+        import datasets  # lazy: optional dependency
     except ImportError as err:
-        raise DataUnavailableError(
-            f"cannot load {task!r} ({split}): no local data and the 'datasets' package is not "
-            f"installed (pip install datasets). " + _how_to_provide(task, split)
-        ) from err
-    if hf_name is not None:
-        name, configs = hf_name, (hf_config,)
-    else:
-        name, configs = HF_DATASETS[task]
+        raise unavailable("the 'datasets' package is not installed (pip install datasets)") from err
     records: list[Mapping[str, Any]] = []
     try:
         for cfg in configs:
-            ds = datasets.load_dataset(name, cfg, split=split)
-            records.extend(ds)
+            records.extend(datasets.load_dataset(name, cfg, split=split))
     except Exception as err:  # network, missing split, offline mode...
-        raise DataUnavailableError(
-            f"cannot load {task!r} ({split}) from the Hugging Face hub dataset {name!r}: "
-            f"{type(err).__name__}: {err}. " + _how_to_provide(task, split)
-        ) from err
+        reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        raise unavailable(reason[:300]) from err
     return records
 
 
@@ -440,28 +466,35 @@ def load_task(
 
     Sources, first that applies: ``path`` (a JSONL file); ``data_dir`` (strict:
     ``<data_dir>/<task>/<split>.jsonl`` must exist); ``$DRLLM_DATA_DIR`` (used
-    when it holds the file); the hub (``hf_name``/``hf_config`` override the
-    default dataset). ``levels`` keeps the given MATH levels (1..5); ``limit``
-    keeps the first examples (after filtering).
+    when it holds the file); the embedded copy (when it holds the items asked
+    for and no ``hf_name`` is given); the hub (``hf_name``/``hf_config``
+    override the default dataset). ``levels`` keeps the given MATH levels
+    (1..5); ``limit`` keeps the first examples (after filtering).
     """
     _check_task(task)
     if levels is not None and task != "math":
         raise ValueError("levels= only applies to the 'math' task")
     split = split or DEFAULT_SPLITS[task]
+    load = lambda file: load_jsonl(file, task, levels=levels, limit=limit)  # noqa: E731
     if path is not None:
-        return load_jsonl(path, task, levels=levels, limit=limit)
+        return load(path)
     if data_dir is not None:
         file = Path(data_dir) / task / f"{split}.jsonl"
         if not file.is_file():
-            raise DataUnavailableError(
-                f"data_dir {str(data_dir)!r} has no {task}/{split}.jsonl (looked for {file})"
-            )
-        return load_jsonl(file, task, levels=levels, limit=limit)
+            raise DataUnavailableError(f"--data-dir {data_dir} has no {task}/{split}.jsonl (looked for {file})")
+        return load(file)
+    looked = []
     env_dir = os.environ.get(DATA_DIR_ENV)
     if env_dir:
         file = Path(env_dir) / task / f"{split}.jsonl"
         if file.is_file():
-            return load_jsonl(file, task, levels=levels, limit=limit)
-    records = _load_hub(task, split, hf_name, hf_config)
+            return load(file)
+        looked.append(f"{DATA_DIR_ENV} has no {file}")
+    if hf_name is None:
+        file = _embedded_file(task, split, limit)
+        if file is not None:
+            return load(file)
+        looked.append(_embedded_miss(task, split, limit))
+    records = _load_hub(task, split, hf_name, hf_config, looked, env_dir)
     source = f"{hf_name or HF_DATASETS[task][0]}:{split}"
     return examples_from_records(records, task, levels=levels, limit=limit, source=source)
