@@ -4,22 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_data_args, add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
+from .common import (
+    UsageError,
+    add_data_args,
+    add_json_arg,
+    add_model_args,
+    add_task_arg,
+    format_table,
+    lam_value,
+    load_model_from_args,
+    positive_int,
+    write_json_atomic,
+)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="accuracy and layers per example, vanilla vs routed")
     add_model_args(p)
     p.add_argument("--routers", required=True, help="router checkpoint folder (from `drllm train`)")
-    p.add_argument("--task", default="arc_easy", choices=["arc_easy", "arc_challenge", "gsm8k", "math"])
+    add_task_arg(p)
     p.add_argument("--split", default=None, help="default: validation for ARC, train for GSM8K/MATH")
-    p.add_argument("--n", type=int, default=None, help="evaluate the first N examples")
+    p.add_argument("--n", type=positive_int, default=None, help="evaluate the first N examples (default: all)")
     p.add_argument("--reward", default=None, choices=["loglik", "generate"],
                    help="scoring: log-likelihood of each choice (default for ARC) or generation (default otherwise)")
-    p.add_argument("--lam", type=float, nargs="+", default=[0.0],
+    p.add_argument("--lam", type=lam_value, nargs="+", default=[0.0],
                    help="control knob value(s) in [-1, 1]; several values make a sweep")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation only")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation only: tokens per answer")
     p.add_argument("--style", default=None, choices=["auto", "chat", "plain"],
                    help="prompt style (default: plain cloze for loglik, auto for generate)")
     add_data_args(p)
@@ -37,15 +48,12 @@ def run(args) -> int:
     from ..evaluate import lam_sweep
     from ..tasks import ARC_TASKS, load_task
 
-    for lam in args.lam:
-        if not -1.0 <= lam <= 1.0:
-            raise SystemExit(f"drllm eval: --lam values must be in [-1, 1], got {lam}")
     reward = args.reward or ("loglik" if args.task in ARC_TASKS else "generate")
     if reward == "loglik" and args.task not in ARC_TASKS:
-        raise SystemExit("drllm eval: --reward loglik needs a multiple-choice task (arc_easy, arc_challenge)")
+        raise UsageError("--reward loglik needs a multiple-choice task (arc_easy, arc_challenge)")
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
+    routers = drllm.Routers.from_pretrained(args.routers)  # a bad folder fails before the model loads
     model, tokenizer = load_model_from_args(args)
-    routers = drllm.Routers.from_pretrained(args.routers)
     results = lam_sweep(model, tokenizer, routers, examples, args.lam, reward=reward, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, style=args.style)
     v = results[0]["vanilla"]

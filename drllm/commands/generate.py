@@ -1,24 +1,42 @@
-"""``drllm generate``: text from a (routed) model, with the path each prompt took."""
+"""``drllm generate``: text from a (routed) model, streamed, with the path each prompt took."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import time
 
-import torch
+from .common import (
+    UsageError,
+    add_json_arg,
+    add_model_args,
+    format_table,
+    lam_value,
+    load_model_from_args,
+    positive_int,
+    write_json_atomic,
+)
 
-from ..paths import path_to_str
-from .common import add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
+
+def path_text(text: str) -> str:
+    """argparse type: a path as one digit 0/1/2 per block."""
+    if not text or set(text) - set("012"):
+        raise argparse.ArgumentTypeError(f"use one digit 0 (skip), 1 (execute) or 2 (repeat) per block, got {text!r}")
+    return text
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text with routers (or a forced path)")
+    p = subparsers.add_parser(
+        "generate", help="generate text with routers (or a forced path)",
+        description="Each prompt's path (routed once, on the prompt) is printed, then its text as it is generated.",
+    )
     add_model_args(p)
-    p.add_argument("prompts", nargs="+", help="one or more prompts (a batch)")
+    p.add_argument("prompts", nargs="+", help="one or more prompts, generated one after the other")
     p.add_argument("--routers", default=None, help="router checkpoint folder (default: no routers, vanilla)")
-    p.add_argument("--path", default=None, help="force this path for every prompt, e.g. 111011...")
-    p.add_argument("--lam", type=float, default=0.0, help="control knob in [-1, 1]: <0 skips more, >0 repeats more")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--path", default=None, type=path_text, help="force this path for every prompt, e.g. 111011...")
+    p.add_argument("--lam", type=lam_value, default=0.0,
+                   help="control knob in [-1, 1]: <0 skips more, >0 repeats more")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     add_json_arg(p)
@@ -26,37 +44,42 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     import drllm
+    from ..paths import path_from_str, path_to_str
+    from ..streaming import PathStreamer
 
     if any(not p.strip() for p in args.prompts):
-        raise SystemExit("drllm generate: empty prompt: give non-empty prompt text")
+        raise UsageError("empty prompt: give non-empty prompt text")
     model, tokenizer = load_model_from_args(args)
+    L = model.config.num_hidden_layers
+    if args.path and len(args.path) != L:
+        raise UsageError(f"--path has {len(args.path)} digits but the model has {L} blocks")
     routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
     drllm.patch(model, routers, lam=args.lam)
-    texts = list(args.prompts)
-    if tokenizer.chat_template and not args.no_chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
-    forced = drllm.forced_paths(model, drllm.paths.path_from_str(args.path)) if args.path else None
-    start = time.perf_counter()
-    with torch.no_grad(), forced or contextlib.nullcontext():
-        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             pad_token_id=tokenizer.pad_token_id)
+    records, tokens, start = [], 0, time.perf_counter()
+    for prompt in args.prompts:
+        text = prompt
+        if tokenizer.chat_template and not args.no_chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt").to(model.device)
+        print(f"### {prompt}", flush=True)
+        streamer = PathStreamer(model, tokenizer, skip_special_tokens=True)
+        forced = drllm.forced_paths(model, path_from_str(args.path)) if args.path else contextlib.nullcontext()
+        with torch.no_grad(), forced:
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                 pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        tokens += new.numel()
+        records.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
+                        "path": path_to_str(streamer.path), "blocks": int(streamer.path.sum())})
+        print()
     seconds = time.perf_counter() - start
-    paths = drllm.last_paths(model)
-    new = out[:, batch["input_ids"].shape[1]:]
-    records = []
-    L = paths.shape[1]
-    for prompt, tokens, path in zip(args.prompts, new, paths):
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        records.append({"prompt": prompt, "text": text, "path": path_to_str(path), "blocks": int(path.sum())})
-        print(f"### {prompt}\n{text}\n")
     print(format_table(["prompt", "path", "blocks per pass"],
                        [[r["prompt"][:40], r["path"], f"{r['blocks']}/{L}"] for r in records]))
-    print(f"\n{new.numel()} tokens in {seconds:.2f} s")
+    print(f"\n{tokens} tokens in {seconds:.2f} s")
     if args.json:
         write_json_atomic(args.json, {"results": records, "seconds": seconds, "num_blocks": L})
     return 0
-
