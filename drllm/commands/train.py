@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
+from .common import add_json_arg, add_model_args, format_table, load_model_from_args, positive_int, write_json_atomic
+
+# Options that are TrainConfig fields: left out, they take its defaults (read when training starts, not to build
+# the parser, which must not import torch).
+CONFIG_OPTIONS = ("epochs", "min_margin", "batch_size", "lr", "weight_decay", "warmup_ratio", "gamma", "beta",
+                  "val_fraction", "seed", "num_windows", "extract_batch_size", "cache_dtype")
 
 
 def add_parser(subparsers) -> None:
-    from ..train import TrainConfig
-
-    d = TrainConfig()
-    p = subparsers.add_parser("train", help="train routers on searched paths (teacher forcing, cached features)")
+    p = subparsers.add_parser("train", help="train routers on searched paths (teacher forcing, cached features)",
+                              description="Hyper-parameters left out take the defaults of drllm.train.TrainConfig "
+                              "(AdamW on a focal loss; see its docstring).")
     add_model_args(p)
     p.add_argument("--paths", required=True, help="JSONL written by `drllm search`")
     p.add_argument("--skips", default=None, metavar="FILE",
                    help="skip probes from `drllm search --probe-skips`: items without a decisive path teach "
                         "the single-block skip the probed items share, where their own probe allows")
     p.add_argument("--out", required=True, help="output folder: routers, checkpoints/, cache/, train_metrics.json")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--min-margin", type=float, default=d.min_margin,
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training examples")
+    p.add_argument("--min-margin", type=float, default=None,
                    help="learn a searched path only if the gold answer wins by this normalised log-likelihood "
                         "margin (0: every correct path); records without one teach the default path")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimisation step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of steps in linear warmup")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="focal loss exponent")
-    p.add_argument("--beta", type=float, default=d.beta, help="effective-number class weights")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num-windows", type=int, default=d.num_windows)
-    p.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per optimisation step")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=None, help="share of steps in linear warmup")
+    p.add_argument("--gamma", type=float, default=None, help="focal loss exponent")
+    p.add_argument("--beta", type=float, default=None, help="effective-number class weights")
+    p.add_argument("--val-fraction", type=float, default=None, help="share of examples held out for validation")
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation, split and shuffling")
+    p.add_argument("--num-windows", type=positive_int, default=None, help="pooling windows per prompt")
+    p.add_argument("--extract-batch-size", type=positive_int, default=None,
                    help="prompts per base-model forward when computing features")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache)")
-    p.add_argument("--cache-dtype", default=d.cache_dtype, choices=["float16", "float32"])
-    p.add_argument("--limit", type=int, default=None, help="use the first N records")
+    p.add_argument("--cache-dtype", default=None, choices=["float16", "float32"],
+                   help="how the cached features are stored")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N records")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json_arg(p)
@@ -43,14 +48,9 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..train import CLASS_NAMES, TrainConfig, train_routers
 
-    config = TrainConfig(
-        epochs=args.epochs, min_margin=args.min_margin, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, gamma=args.gamma, beta=args.beta,
-        val_fraction=args.val_fraction, seed=args.seed, num_windows=args.num_windows,
-        extract_batch_size=args.extract_batch_size,
-        cache_dir=args.cache_dir, cache_dtype=args.cache_dtype, limit=args.limit, resume=not args.no_resume,
-        progress=not args.no_progress,
-    )
+    given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
+    config = TrainConfig(**given, cache_dir=args.cache_dir, limit=args.limit, resume=not args.no_resume,
+                         progress=not args.no_progress)
     model, tokenizer = load_model_from_args(args)
     result = train_routers(model, tokenizer, args.paths, args.out, config=config, skips_file=args.skips)
     ex = result["extract"]
