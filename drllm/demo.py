@@ -3,24 +3,18 @@
 A newcomer's first run: the frozen model gets routers from paths found by
 the search on train items, and is compared with itself on validation items.
 Every stage writes its results to ``out_dir`` and resumes from them.
+The settings are importable without torch (``drllm demo --help`` shows them);
+the pipeline imports it when it runs.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from .commands.common import format_table, write_json_atomic
-from .evaluate import evaluate
-from .integrations.plotting import decision_heatmap, decision_histogram
-from .models import load_model
-from .routers import Routers
-from .search import SearchConfig, block_gains, probe_skips, run_search
-from .tasks import load_task
-from .train import TrainConfig, train_routers
+from .models import DEFAULT_MODEL
 
 TASK = "arc_easy"
 
@@ -38,7 +32,7 @@ class DemoSettings:
     n_eval: int | None
     epochs: int = 25
     seed: int = 0
-    min_margin: float = TrainConfig.min_margin
+    min_margin: float | None = None  # None: TrainConfig's default
     probe_skips: bool = False
 
 
@@ -79,6 +73,18 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the pipeline and return its figures (also written to ``out_dir/summary.json``)."""
+    import torch
+
+    from .evaluate import evaluate
+    from .integrations.plotting import decision_heatmap, decision_histogram
+    from .models import load_model
+    from .routers import Routers
+    from .search import SearchConfig, block_gains, probe_skips, run_search
+    from .tasks import load_task
+    from .train import TrainConfig, train_routers
+
+    if settings.min_margin is None:
+        settings = replace(settings, min_margin=TrainConfig.min_margin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -124,7 +130,7 @@ def run_demo(
     ]
     summary = {
         "task": TASK,
-        "model": model_name or model.config.name_or_path,
+        "model": model_name or DEFAULT_MODEL,
         "settings": asdict(settings),
         "search": search,
         "train": {k: training[k] for k in ("final", "records", "default_labels", "shared_skip", "shared_labels",
@@ -135,8 +141,8 @@ def run_demo(
         "num_blocks": result["num_blocks"],
         "n_eval": result["n"],
         "seconds": seconds,
-        "routers": str(out / "routers"),
-        "figures": [str(f) for f in figures],
+        "routers": "routers",  # paths relative to out_dir: the report and summary hold no machine paths
+        "figures": [Path(f).name for f in figures],
     }
     _write_report(out / "report.md", summary, result)
     write_json_atomic(out / "summary.json", summary)
@@ -153,10 +159,13 @@ def _shared_line(train: dict) -> str:
 def _write_report(path: Path, summary: dict, result: dict) -> None:
     s, t, d = summary["search"], summary["train"], summary["difference"]
     stages = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
+    settings = format_table(["setting", "value"], [[k, "all" if v is None else v]
+                                                   for k, v in summary["settings"].items()])
     text = f"""# drllm demo report
 
 Model: `{summary['model']}` ({summary['num_blocks']} blocks). Task: ARC-Easy, log-likelihood (acc_norm) scoring.
-Settings: {summary['settings']}.
+
+{settings}
 
 ## Path search ({s['n']} train items)
 

@@ -5,49 +5,62 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .common import add_data_args, add_json_arg, write_json_atomic
+from ..demo import DEFAULT, QUICK
+from ..models import cache_dir
+from .common import add_data_args, add_device_arg, add_json_arg, positive_int, write_json_atomic
+
+
+def default_out(quick: bool) -> str:
+    """Outside any checkout, one folder per size: a stage resumes only from a run of its own settings."""
+    return str(cache_dir() / ("demo-quick" if quick else "demo"))
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="search, train and evaluate routers on ARC-Easy (the embedded model)")
-    p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on a 2-core CPU)")
-    p.add_argument("--out", default="drllm-demo", help="output folder: paths, routers, report, figures")
+    p = subparsers.add_parser(
+        "demo", help="search, train and evaluate routers on ARC-Easy (the embedded model)",
+        description="Runs offline on the embedded SmolLM2-135M-Instruct and the ARC-Easy items shipped with drllm. "
+        "Each stage writes to the output folder and a rerun resumes from it.",
+    )
+    p.add_argument("--quick", action="store_true", help="a small run (about 3 minutes on a 2-core CPU)")
+    p.add_argument("--out", default=None,
+                   help="output folder: paths, routers, report, figures (default: $DRLLM_CACHE/demo, or demo-quick "
+                        "with --quick; $DRLLM_CACHE defaults to ~/.cache/drllm)")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--n-search", type=int, default=None, help="train items to search")
-    p.add_argument("--simulations", type=int, default=None, help="MCTS simulations per item")
-    p.add_argument("--n-eval", type=int, default=None, help="validation items (default: all, or 24 with --quick)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    add_device_arg(p)
+    p.add_argument("--n-search", type=positive_int, default=None,
+                   help=f"train items to search (default {DEFAULT.n_search}, or {QUICK.n_search} with --quick)")
+    p.add_argument("--simulations", type=positive_int, default=None,
+                   help=f"MCTS simulations per item (default {DEFAULT.simulations}, or {QUICK.simulations} with --quick)")
+    p.add_argument("--n-eval", type=positive_int, default=None,
+                   help=f"validation items (default: all, or {QUICK.n_eval} with --quick)")
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"router training epochs (default {DEFAULT.epochs})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the search and the training (default {DEFAULT.seed})")
     p.add_argument("--min-margin", type=float, default=None,
                    help="learn a searched path only if the gold answer wins by this margin (see drllm train)")
     p.add_argument("--probe-skips", action=argparse.BooleanOptionalAction, default=None,
                    help="probe every single-block skip on the searched items and teach the one they share "
                         "where no searched path wins (see drllm search --probe-skips)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_data_args(p)
     add_json_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from ..demo import DEFAULT, QUICK, run_demo
-    from ..tasks import DataUnavailableError
+    from ..demo import run_demo
 
     settings = QUICK if args.quick else DEFAULT
     overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin",
                                                 "probe_skips")
                  if getattr(args, k) is not None}
     settings = dataclasses.replace(settings, **overrides)
-    try:
-        summary = run_demo(args.out, settings, model_name=args.model, data_dir=args.data_dir, device=args.device,
-                           progress=not args.no_progress)
-    except DataUnavailableError as err:
-        raise SystemExit(f"drllm demo: ARC-Easy data is not available.\n{err}")
+    out = args.out or default_out(args.quick)
+    summary = run_demo(out, settings, model_name=args.model, data_dir=args.data_dir, device=args.device,
+                       progress=not args.no_progress)
     print(f"\nARC-Easy validation, {summary['n_eval']} items, log-likelihood scoring\n")
     print(summary["table"])
     print("\n" + " | ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
-    print(f"\nrouters: {summary['routers']}\nreport: {args.out}/report.md\nfigures: {', '.join(summary['figures'])}")
+    print(f"\nreport, routers and figures in {out}")
     if args.json:
         write_json_atomic(args.json, {k: v for k, v in summary.items() if k != "table"})
     return 0
