@@ -30,11 +30,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-search", type=positive_int, default=None,
                    help=f"train items to search (default {DEFAULT.n_search}, or {QUICK.n_search} with --quick)")
     p.add_argument("--simulations", type=positive_int, default=None,
-                   help=f"MCTS simulations per item (default {DEFAULT.simulations}, or {QUICK.simulations} with --quick)")
+                   help=f"MCTS simulations per item (default {DEFAULT.simulations}, "
+                        f"or {QUICK.simulations} with --quick)")
     p.add_argument("--n-eval", type=positive_int, default=None,
                    help=f"validation items (default: all, or {QUICK.n_eval} with --quick)")
-    p.add_argument("--epochs", type=positive_int, default=None, help=f"router training epochs (default {DEFAULT.epochs})")
-    p.add_argument("--seed", type=int, default=None, help=f"seed of the search and the training (default {DEFAULT.seed})")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"router training epochs (default {DEFAULT.epochs})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the search and the training (default {DEFAULT.seed})")
     p.add_argument("--min-margin", type=float, default=None,
                    help="learn a searched path only if the gold answer wins by this margin (see drllm train)")
     p.add_argument("--probe-skips", action=argparse.BooleanOptionalAction, default=None,
