@@ -17,6 +17,12 @@ decode step for every later new token (the last token is never fed back), so
 ``max(new_tokens, 1)`` passes. The vanilla path length is the number of blocks.
 
 Accuracy comes with a 95% Wilson score interval.
+
+:func:`compare` puts the routers (at several lambdas) beside the baselines of
+:mod:`drllm.baselines` (static skip sets, each a forced path through the same
+executor) on the same items and scoring: one entry per method and setting,
+each with accuracy, interval, blocks per pass and McNemar's exact test
+against vanilla on the same items.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ from typing import Any, Sequence
 
 import torch
 
+from . import baselines as bl
 from .paths import path_to_str
 from .routers import Routers
 from .runtime.adapters import describe
-from .runtime.patch import is_patched, last_paths, patch, unpatch
+from .runtime.patch import forced_paths, is_patched, last_paths, patch, unpatch
 from .tasks import Example, generate_answers, generation_prompt, score_choices, use_chat_template
 
-__all__ = ["evaluate", "lam_sweep", "wilson_interval", "REWARDS"]
+__all__ = ["evaluate", "lam_sweep", "evaluate_path", "compare", "verdict", "wilson_interval", "mcnemar_exact",
+           "REWARDS"]
 
 REWARDS = ("loglik", "generate")
 Z95 = 1.959963984540054
@@ -49,11 +57,28 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: ``b`` and ``c`` discordant pairs, binomial(b + c, 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_test(vanilla: Sequence[int], other: Sequence[int]) -> dict:
+    """McNemar's exact test of ``other`` against ``vanilla`` (0/1 correctness on the same items)."""
+    b = sum(1 for v, o in zip(vanilla, other) if v and not o)
+    c = sum(1 for v, o in zip(vanilla, other) if o and not v)
+    return {"only_vanilla": b, "only_method": c, "p": mcnemar_exact(b, c)}
+
+
 # --------------------------------------------------------------------------- runs
 
 
-def _loglik_rows(model, tokenizer, examples, *, routed: bool, batch_size: int, style: str, normalize: str) -> list[dict]:
-    L = describe(model).num_blocks
+def _loglik_rows(model, tokenizer, examples, *, routed: bool, batch_size: int, style: str, normalize: str,
+                 path: str | None = None) -> list[dict]:
+    fixed = path or "1" * describe(model).num_blocks
     paths: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(examples))}
 
     def forward(m, *, input_ids, attention_mask, routing_mask, rows, **kw):
@@ -76,8 +101,8 @@ def _loglik_rows(model, tokenizer, examples, *, routed: bool, batch_size: int, s
             row["consistent"] = bool((taken == taken[0]).all())
             row["layers"] = int(taken.sum())
         else:
-            row["path"] = "1" * L
-            row["layers"] = L * len(ex.choices)
+            row["path"] = fixed
+            row["layers"] = _length(fixed) * len(ex.choices)
         out.append(row)
     return out
 
@@ -101,8 +126,9 @@ class _Recorder:
         return out
 
 
-def _generate_rows(model, tokenizer, examples, *, routed: bool, batch_size: int, style: str, max_new_tokens: int):
-    L = describe(model).num_blocks
+def _generate_rows(model, tokenizer, examples, *, routed: bool, batch_size: int, style: str, max_new_tokens: int,
+                   path: str | None = None):
+    fixed = path or "1" * describe(model).num_blocks
     target = _Recorder(model) if routed else model
     gens = generate_answers(target, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             style=style)
@@ -120,25 +146,29 @@ def _generate_rows(model, tokenizer, examples, *, routed: bool, batch_size: int,
             row["path"] = path_to_str(path)
             row["layers"] = int(path.sum()) * passes
         else:
-            row["path"] = "1" * L
-            row["layers"] = L * passes
+            row["path"] = fixed
+            row["layers"] = _length(fixed) * passes
         out.append(row)
     return out
 
 
-def _run(model, tokenizer, examples, reward, routed, batch_size, style, normalize, max_new_tokens):
+def _length(path: str) -> int:
+    return sum(int(c) for c in path)
+
+
+def _run(model, tokenizer, examples, reward, routed, batch_size, style, normalize, max_new_tokens, path=None):
     if reward == "loglik":
         return _loglik_rows(model, tokenizer, examples, routed=routed, batch_size=batch_size,
-                            style=style or "plain", normalize=normalize)
+                            style=style or "plain", normalize=normalize, path=path)
     return _generate_rows(model, tokenizer, examples, routed=routed, batch_size=batch_size,
-                          style=style or "auto", max_new_tokens=max_new_tokens)
+                          style=style or "auto", max_new_tokens=max_new_tokens, path=path)
 
 
 def _summary(rows: list[dict], num_blocks: int) -> dict:
     n = len(rows)
     k = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(k, n)
-    lengths = [sum(int(c) for c in r["path"]) for r in rows]
+    lengths = [_length(r["path"]) for r in rows]
     out = {
         "n": n,
         "correct": k,
@@ -221,7 +251,7 @@ def evaluate(
             "vanilla_correct": a["correct"],
             "routed_correct": b["correct"],
             "path": b["path"],
-            "path_length": sum(int(c) for c in b["path"]),
+            "path_length": _length(b["path"]),
             "vanilla_layers": a["layers"],
             "routed_layers": b["layers"],
             "vanilla_row": a,
@@ -260,3 +290,126 @@ def lam_sweep(model, tokenizer, routers: Routers, examples: Sequence[Example], l
         results.append(evaluate(model, tokenizer, routers, examples, lam=float(lam),
                                 baseline=results[0] if results else None, **kwargs))
     return results
+
+
+# --------------------------------------------------------------------------- baselines at equal compute
+
+
+def evaluate_path(model, tokenizer, examples: Sequence[Example], path: str, *, reward: str = "loglik",
+                  batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
+                  normalize: str = "chars") -> list[dict]:
+    """Per-example rows (as in :func:`evaluate`'s ``vanilla_row``) of ``model`` forced onto ``path`` for every input."""
+    if reward not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+    with forced_paths(model, [int(c) for c in path]):
+        return _run(model, tokenizer, examples, reward, False, batch_size, style, normalize, max_new_tokens, path=path)
+
+
+def _entry(method: str, setting, rows: list[dict], vanilla: list[dict], **extra) -> dict:
+    """One row of the comparison: accuracy, interval, blocks per pass and the paired test against vanilla."""
+    s = _summary(rows, len(rows[0]["path"]))
+    return {
+        "method": method,
+        "setting": setting,
+        "n": s["n"],
+        "correct": s["correct"],
+        "accuracy": s["accuracy"],
+        "ci95": s["ci95"],
+        "blocks_per_pass": s["mean_path_length"],
+        "layers_per_example": s["layers_per_example"],
+        "mcnemar": paired_test([r["correct"] for r in vanilla], [r["correct"] for r in rows]),
+        **extra,
+    }
+
+
+def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
+    """Several skip sets of one setting (random seeds): mean accuracy and its spread over the runs.
+
+    ``ci95`` is the Wilson interval of all runs' answers pooled; ``mcnemar``
+    the run with the median p-value; ``runs`` keeps every run's own figures.
+    """
+    accs = [r["accuracy"] for r in runs]
+    mean = sum(accs) / len(accs)
+    n, correct = runs[0]["n"], sum(r["correct"] for r in runs)
+    median = sorted(runs, key=lambda r: r["mcnemar"]["p"])[len(runs) // 2]
+    return {
+        "method": method,
+        "setting": setting,
+        "n": n,
+        "correct": correct / len(runs),
+        "accuracy": mean,
+        "ci95": list(wilson_interval(correct, n * len(runs))),
+        "spread": {"std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)), "min": min(accs),
+                   "max": max(accs)},
+        "blocks_per_pass": sum(r["blocks_per_pass"] for r in runs) / len(runs),
+        "layers_per_example": sum(r["layers_per_example"] for r in runs) / len(runs),
+        "mcnemar": median["mcnemar"],
+        "skipped": [r["skipped"] for r in runs],
+        "runs": runs,
+    }
+
+
+def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers | None = None,
+            lams: Sequence[float] = (0.0,), baselines: Sequence[tuple[str, Sequence[int]]] = (),
+            calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
+            batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
+            normalize: str = "chars") -> dict:
+    """Vanilla, the routers at each of ``lams`` and every baseline ``(method, Ks)`` on the same ``examples``.
+
+    ``calibration`` (ShortGPT prompts, the static selection set) must share
+    no item with ``examples``. Returns ``{"methods", "sweep", "baselines"}``:
+    ``methods`` one entry per method and setting (K, or lambda for routers),
+    ``sweep`` the :func:`lam_sweep` results, ``baselines`` what chose each
+    method's skip sets (calibration ids, block influence).
+    """
+    bl.check_disjoint(calibration, examples)
+    settings = dict(reward=reward, batch_size=batch_size, max_new_tokens=max_new_tokens, style=style,
+                    normalize=normalize)
+    sweep = lam_sweep(model, tokenizer, routers, examples, lams, **settings) if routers is not None else []
+    if sweep:
+        vanilla = [e["vanilla_row"] for e in sweep[0]["examples"]]
+    else:
+        vanilla = evaluate_path(model, tokenizer, examples, "1" * describe(model).num_blocks, **settings)
+    methods = [_entry("vanilla", None, vanilla, vanilla)]
+    methods += [_entry("routers", r["lam"], [e["routed_row"] for e in r["examples"]], vanilla) for r in sweep]
+    chosen = {}
+    L = describe(model).num_blocks
+    for method, ks in baselines:
+        sets, chosen[method] = bl.choose_skip_sets(model, tokenizer, method, ks, calibration=calibration,
+                                                   seeds=seeds, **settings)
+        for k in ks:
+            runs = [_entry(method, k, evaluate_path(model, tokenizer, examples, bl.skip_path(L, skips), **settings),
+                           vanilla, skipped=skips) for skips in sets[k]]
+            methods.append(_seeded_entry(method, k, runs) if len(runs) > 1 else runs[0])
+    return {"methods": methods, "sweep": sweep, "baselines": chosen}
+
+
+def verdict(entry: dict, alpha: float = 0.05) -> str:
+    """What the paired test says about ``entry`` against vanilla."""
+    if entry["method"] == "vanilla":
+        return "-"
+    t = entry["mcnemar"]
+    if t["p"] >= alpha:
+        return "no significant difference"
+    return "better than vanilla" if t["only_method"] > t["only_vanilla"] else "worse than vanilla"
+
+
+def frontier_table(methods: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the comparison table (for :func:`drllm.commands.common.format_table`)."""
+    vanilla = next(m for m in methods if m["method"] == "vanilla")
+    rows = []
+    for m in methods:
+        acc = f"{m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+        if "spread" in m:
+            acc += f" ±{m['spread']['std']:.3f}"
+        t = m["mcnemar"]
+        test = "-" if m is vanilla else f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})"
+        skipped = m.get("skipped", "-")
+        if "runs" in m:
+            skipped = f"{len(m['runs'])} seeds"
+        setting = "-" if m["setting"] is None else f"{m['setting']:g}"
+        rows.append([m["method"], setting, acc, f"{m['blocks_per_pass']:.2f}",
+                     f"{m['accuracy'] - vanilla['accuracy']:+.3f}", test, verdict(m), str(skipped)])
+    headers = ["method", "K / λ", "accuracy [95% CI]", "blocks/pass", "Δ accuracy",
+               "McNemar p (only vanilla/only method)", "vs vanilla", "skipped blocks"]
+    return headers, rows

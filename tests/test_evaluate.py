@@ -1,4 +1,6 @@
-"""Evaluation: figures equal a manual computation; lambda extremes; plots; the eval command."""
+"""Evaluation: figures equal a manual computation; lambda extremes; plots; the eval command.
+
+Baselines, the paired test and the frontier plot: tests/test_baselines.py."""
 
 from __future__ import annotations
 
@@ -177,7 +179,7 @@ def test_plots_and_eval_command(setup, tmp_path):
     assert [r["lam"] for r in payload["results"]] == [-0.5, 0.0, 0.5]
     assert payload["results"][0]["n"] == 3
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
-    assert "lambda_sweep.png" in names and "lambda_sweep.md" in names
+    assert "frontier.png" in names and "frontier.md" in names
     assert "decisions_heatmap_lam+0.png" in names and "decisions_histogram_lam-0.5.png" in names
     for name in names:
         if name.endswith(".png"):

@@ -1,4 +1,4 @@
-"""``drllm eval``: vanilla vs routed accuracy and layers on a task, with figures and a lambda sweep."""
+"""``drllm eval``: vanilla, routers (lambda sweep) and baselines at equal compute, with a paired test and figures."""
 
 from __future__ import annotations
 
@@ -33,44 +33,52 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation only: tokens per answer")
     p.add_argument("--style", default=None, choices=["auto", "chat", "plain"],
                    help="prompt style (default: plain cloze for loglik, auto for generate)")
+    p.add_argument("--baselines", nargs="+", default=[], metavar="METHOD:K[,K...]",
+                   help="static skip sets at equal compute, e.g. shortgpt:1,2,4 static:1,2 random:1,2 exit:1,2,4")
+    p.add_argument("--calib-n", type=positive_int, default=64,
+                   help="shortgpt/static: calibration/selection items taken from the train split (never the "
+                        "evaluated items) when the routers recorded no dev part")
+    p.add_argument("--seeds", type=positive_int, default=5, help="random: skip sets drawn per K")
     add_data_args(p)
-    p.add_argument("--out-dir", default=None, help="write the decision heatmap/histogram (and sweep plot) PNGs here")
+    p.add_argument("--out-dir", default=None,
+                   help="write the frontier plot (accuracy vs blocks per pass) and decision heatmaps/histograms here")
     add_json_arg(p)
     p.set_defaults(run=run)
 
 
-def _cell(s: dict) -> str:
-    return f"{s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
-
-
 def run(args) -> int:
     import drllm
-    from ..evaluate import lam_sweep
+    from ..baselines import calibration_set, parse_baselines
+    from ..evaluate import compare, frontier_table
     from ..tasks import ARC_TASKS, load_task
 
     reward = args.reward or ("loglik" if args.task in ARC_TASKS else "generate")
     if reward == "loglik" and args.task not in ARC_TASKS:
         raise UsageError("--reward loglik needs a multiple-choice task (arc_easy, arc_challenge)")
+    try:
+        baselines = parse_baselines(args.baselines)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
     routers = drllm.Routers.from_pretrained(args.routers)  # a bad folder fails before the model loads
+    calibration, source = [], None
+    if any(method in ("shortgpt", "static") for method, _ in baselines):
+        calibration, source = calibration_set(args.task, examples, n=args.calib_n, routers_dir=args.routers,
+                                              data_dir=args.data_dir)
     model, tokenizer = load_model_from_args(args)
-    results = lam_sweep(model, tokenizer, routers, examples, args.lam, reward=reward, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens, style=args.style)
-    v = results[0]["vanilla"]
-    L = results[0]["num_blocks"]
-    rows = [["vanilla", "-", _cell(v), f"{v['mean_path_length']:.2f}", f"{v['layers_per_example']:.1f}", "-", "-"]]
-    for r in results:
-        s, d = r["routed"], r["difference"]
-        rows.append(["routed", f"{r['lam']:g}", _cell(s), f"{s['mean_path_length']:.2f}",
-                     f"{s['layers_per_example']:.1f}", f"{d['accuracy']:+.3f}",
-                     f"{d['layers_per_example']:+.1f} ({d['layers_ratio']:.2f}x)"])
-    table = format_table(["model", "lambda", "accuracy [95% CI]", "path length", "layers/example",
-                          "Δ accuracy", "Δ layers"], rows)
-    print(f"{args.task} {args.split or 'default split'}, {len(examples)} examples, {reward} scoring, {L} blocks\n")
-    print(table)
+    res = compare(model, tokenizer, examples, routers=routers, lams=args.lam, baselines=baselines,
+                  calibration=calibration, seeds=args.seeds, reward=reward, batch_size=args.batch_size,
+                  max_new_tokens=args.max_new_tokens, style=args.style)
+    results = res["sweep"]
+    table = format_table(*frontier_table(res["methods"]))
+    print(f"{args.task} {args.split or 'default split'}, {len(examples)} examples, {reward} scoring, "
+          f"{results[0]['num_blocks']} blocks")
+    if source:
+        print(f"calibration/selection (shortgpt, static): {source}")
+    print("\n" + table)
     figures = []
     if args.out_dir:
-        from ..integrations.plotting import decision_heatmap, decision_histogram, sweep_plot
+        from ..integrations.plotting import decision_heatmap, decision_histogram, frontier_plot
 
         out = Path(args.out_dir)
         for r in results:
@@ -79,12 +87,13 @@ def run(args) -> int:
                                                 title=f"{args.task}: routed decisions (λ={r['lam']:g})")))
             figures.append(str(decision_histogram(r["decisions"], out / f"decisions_histogram_{tag}.png",
                                                   title=f"{args.task}: decisions per block (λ={r['lam']:g})")))
-        if len(results) > 1:
-            figures.append(str(sweep_plot([{**r["routed"], "lam": r["lam"]} for r in results], v,
-                                          out / "lambda_sweep.png", title=f"{args.task}: accuracy vs layers")))
-            (out / "lambda_sweep.md").write_text(table + "\n")
+        figures.append(str(frontier_plot(res["methods"], out / "frontier.png",
+                                         title=f"{args.task} {args.split or ''}: accuracy vs compute "
+                                               f"(n={len(examples)})")))
+        (out / "frontier.md").write_text(table + "\n")
         print("\nfigures: " + ", ".join(figures))
     if args.json:
         write_json_atomic(args.json, {"task": args.task, "split": args.split, "reward": reward,
-                                      "results": results, "figures": figures})
+                                      "methods": res["methods"], "baselines": res["baselines"],
+                                      "calibration": source, "results": results, "figures": figures})
     return 0

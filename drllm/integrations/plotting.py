@@ -1,4 +1,4 @@
-"""Figures of routing decisions and of a lambda sweep (matplotlib, Agg backend, PNG files)."""
+"""Figures of routing decisions and of accuracy against compute (matplotlib, Agg backend, PNG files)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["decision_heatmap", "decision_histogram", "sweep_plot", "DECISION_COLORS"]
+__all__ = ["decision_heatmap", "decision_histogram", "frontier_plot", "DECISION_COLORS"]
 
 DECISION_COLORS = ("#d95f02", "#7570b3", "#1b9e77")  # skip, execute, repeat
 NAMES = ("skip", "execute", "repeat")
@@ -87,30 +87,54 @@ def decision_histogram(decisions: Sequence, path: str | os.PathLike, title: str 
         plt.close(fig)
 
 
-def sweep_plot(points: Sequence[dict], vanilla: dict, path: str | os.PathLike, title: str = "lambda sweep") -> Path:
-    """Accuracy (with its 95% interval) against layers per example, one point per lambda, and vanilla.
+# colour, marker, x offset: the baselines of one K share a block count, so each is drawn slightly aside
+METHOD_STYLES = {
+    "routers": ("#7570b3", "o", 0.0),
+    "shortgpt": ("#d95f02", "s", -0.09),
+    "static": ("#1b9e77", "D", -0.03),
+    "random": ("#777777", "v", 0.03),
+    "exit": ("#e7298a", "^", 0.09),
+}
 
-    ``points``: dicts with ``lam``, ``accuracy``, ``ci95`` and ``layers_per_example``; ``vanilla`` the same
-    without ``lam``.
+
+def frontier_plot(methods: Sequence[dict], path: str | os.PathLike, title: str = "accuracy vs compute") -> Path:
+    """Accuracy (95% interval bars) against blocks per pass, one line per method, vanilla marked.
+
+    ``methods``: the entries of :func:`drllm.evaluate.compare` (``method``,
+    ``setting``, ``accuracy``, ``ci95``, ``blocks_per_pass``), exactly one of
+    them ``vanilla``. Large type and the legend outside the axes, so the
+    figure reads at report size; baselines at the same K are drawn up to 0.09
+    blocks apart so their bars do not hide each other.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    pts = sorted(points, key=lambda p: p["layers_per_example"])
-    xs = [p["layers_per_example"] for p in pts]
-    ys = [p["accuracy"] for p in pts]
-    err = [[max(0.0, y - p["ci95"][0]) for y, p in zip(ys, pts)], [max(0.0, p["ci95"][1] - y) for y, p in zip(ys, pts)]]
-    ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=DECISION_COLORS[1], label="routed")
-    for x, y, p in zip(xs, ys, pts):
-        ax.annotate(f"λ={p['lam']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    v = vanilla
-    ax.errorbar([v["layers_per_example"]], [v["accuracy"]],
-                yerr=[[max(0.0, v["accuracy"] - v["ci95"][0])], [max(0.0, v["ci95"][1] - v["accuracy"])]],
-                fmt="s", capsize=3, color="k", label="vanilla")
-    ax.set_xlabel("layers per example (block applications)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    vanilla = next(m for m in methods if m["method"] == "vanilla")
+    ax.axhspan(*vanilla["ci95"], color="k", alpha=0.07, lw=0)
+    ax.axhline(vanilla["accuracy"], color="k", ls="--", lw=1)
+    _series(ax, [vanilla], "k", "*", 0.0, "vanilla", markersize=18)
+    for method, (color, marker, dx) in METHOD_STYLES.items():
+        points = sorted((m for m in methods if m["method"] == method), key=lambda m: m["blocks_per_pass"])
+        if points:
+            _series(ax, points, color, marker, dx, method, markersize=9)
+            for m in points:
+                label = f"λ={m['setting']:g}" if method == "routers" else f"K={m['setting']}"
+                ax.annotate(label, (m["blocks_per_pass"] + dx, m["accuracy"]), textcoords="offset points",
+                            xytext=(6, 6), fontsize=11, color=color)
+    ax.set_xlabel("blocks per forward pass", fontsize=15)
+    ax.set_ylabel("accuracy (95% CI)", fontsize=15)
+    ax.set_title(title, fontsize=16)
+    ax.tick_params(labelsize=13)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=13, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     try:
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _series(ax, points: Sequence[dict], color: str, marker: str, dx: float, label: str, markersize: float) -> None:
+    ys = [m["accuracy"] for m in points]
+    err = [[max(0.0, y - m["ci95"][0]) for y, m in zip(ys, points)],
+           [max(0.0, m["ci95"][1] - y) for y, m in zip(ys, points)]]
+    ax.errorbar([m["blocks_per_pass"] + dx for m in points], ys, yerr=err, fmt=f"{marker}-", color=color, capsize=4,
+                lw=2, markersize=markersize, label=label)

@@ -1,0 +1,259 @@
+"""Static skip sets that routers are measured against at equal compute.
+
+Each baseline drops K blocks for every input (a forced path, run through the
+same executor as the routers):
+
+- ``shortgpt``: ShortGPT (Men et al., 2024). Block Influence of block i is
+  ``1 - mean cos(x_i, x_{i+1})`` over the real tokens of calibration prompts,
+  ``x_i`` the hidden state entering block i (``x_L``: the last block's output,
+  before the final norm); the K least influential blocks are dropped.
+- ``static``: the K-block skip set chosen greedily by accuracy on a selection
+  set (each step adds the block whose skip scores best with those chosen).
+- ``random``: K random blocks, one set per seed.
+- ``exit``: early exit without retraining: the last K blocks are dropped, so
+  the first L - K blocks feed the final norm and the LM head.
+
+``random`` and ``static`` stay inside the search's space (no more than
+``max_skip_run`` consecutive skips); ``shortgpt`` and ``exit`` are the
+published rules and ignore it. Calibration and selection items must never
+be the evaluated ones (:func:`check_disjoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .runtime.adapters import decoder, describe
+from .runtime.patch import block_states
+from .search.mcts import skip_run_ok
+from .tasks import Example, cloze_requests, encode_request, generation_prompt, use_chat_template
+
+__all__ = [
+    "BASELINES",
+    "parse_baselines",
+    "skip_path",
+    "exit_skips",
+    "random_skips",
+    "block_influence",
+    "shortgpt_skips",
+    "greedy_skip_sets",
+    "accuracy_scorer",
+    "choose_skip_sets",
+    "check_disjoint",
+    "calibration_set",
+    "DEV_IDS_FILE",
+]
+
+BASELINES = ("shortgpt", "static", "random", "exit")
+SEEDS = 5
+DEV_IDS_FILE = "dev_ids.json"  # in a router folder: the train items held out to choose knobs (a JSON list of ids)
+
+
+def parse_baselines(specs: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """``["shortgpt:1,2,4", "exit:2"]`` -> ``[("shortgpt", [1, 2, 4]), ("exit", [2])]``."""
+    out = []
+    for spec in specs:
+        method, _, ks = spec.partition(":")
+        if method not in BASELINES or not ks:
+            raise ValueError(f"baseline {spec!r}: write METHOD:K[,K...] with METHOD one of {', '.join(BASELINES)}")
+        try:
+            values = sorted({int(k) for k in ks.split(",")})
+        except ValueError:
+            raise ValueError(f"baseline {spec!r}: K must be whole numbers, e.g. {method}:1,2,4") from None
+        if values[0] < 1:
+            raise ValueError(f"baseline {spec!r}: K must be >= 1")
+        out.append((method, values))
+    return out
+
+
+def skip_path(num_blocks: int, skips: Sequence[int]) -> str:
+    """The path string that skips ``skips`` and executes every other block once."""
+    skipped = set(skips)
+    return "".join("0" if i in skipped else "1" for i in range(num_blocks))
+
+
+def _check_k(num_blocks: int, k: int) -> None:
+    if not 1 <= k < num_blocks:
+        raise ValueError(f"cannot skip {k} of {num_blocks} blocks: K must be in [1, {num_blocks - 1}]")
+
+
+def exit_skips(num_blocks: int, k: int) -> list[int]:
+    """Early exit: the last ``k`` blocks."""
+    _check_k(num_blocks, k)
+    return list(range(num_blocks - k, num_blocks))
+
+
+def random_skips(num_blocks: int, k: int, seed: int, max_skip_run: int = 2, tries: int = 10_000) -> list[int]:
+    """``k`` blocks drawn uniformly among the sets with no more than ``max_skip_run`` consecutive skips."""
+    _check_k(num_blocks, k)
+    rng = random.Random(seed)
+    for _ in range(tries):
+        skips = sorted(rng.sample(range(num_blocks), k))
+        if skip_run_ok(skip_path(num_blocks, skips), max_skip_run):
+            return skips
+    raise ValueError(f"no {k}-block skip set of {num_blocks} blocks has at most {max_skip_run} consecutive skips")
+
+
+# --------------------------------------------------------------------------- ShortGPT
+
+
+def _prompt_ids(example: Example, tokenizer: Any, reward: str, style: str | None) -> list[int]:
+    """The prompt's tokens as evaluation encodes them (the cloze context, or the generation prompt)."""
+    if reward == "loglik":
+        context, continuations = cloze_requests(example, tokenizer, style=style or "plain")
+        return encode_request(tokenizer, context, continuations[0])[0]
+    prompt = generation_prompt(example, tokenizer, style=style or "auto")
+    return tokenizer(prompt, add_special_tokens=not use_chat_template(tokenizer, style or "auto"))["input_ids"]
+
+
+@torch.no_grad()
+def block_influence(model, tokenizer, examples: Sequence[Example], *, reward: str = "loglik",
+                    style: str | None = None, batch_size: int = 16) -> list[float]:
+    """ShortGPT Block Influence of every block: ``1 - mean cos(input, output)`` over real prompt tokens."""
+    if not examples:
+        raise ValueError("ShortGPT needs calibration examples")
+    info = describe(model)
+    norm = decoder(model).norm
+    total = torch.zeros(info.num_blocks, dtype=torch.float64)
+    tokens = 0
+    for start in range(0, len(examples), batch_size):
+        rows = [_prompt_ids(e, tokenizer, reward, style) for e in examples[start : start + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=info.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=info.device)
+        final = []
+        hook = norm.register_forward_pre_hook(lambda module, args: final.append(args[0]))
+        try:
+            states = block_states(model, input_ids=ids, attention_mask=mask)
+        finally:
+            hook.remove()
+        states.append(final[0])
+        real = mask.bool()
+        for i in range(info.num_blocks):
+            cos = torch.nn.functional.cosine_similarity(states[i].double(), states[i + 1].double(), dim=-1)
+            total[i] += cos[real].sum().cpu()
+        tokens += int(real.sum())
+    return (1.0 - total / tokens).tolist()
+
+
+def shortgpt_skips(influence: Sequence[float], k: int) -> list[int]:
+    """The ``k`` blocks of lowest influence (ties: the lower block)."""
+    _check_k(len(influence), k)
+    order = sorted(range(len(influence)), key=lambda i: (influence[i], i))
+    return sorted(order[:k])
+
+
+# --------------------------------------------------------------------------- static (greedy)
+
+Score = Callable[[list[str]], list[tuple]]
+
+
+def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: int = 2) -> dict[int, list[int]]:
+    """Nested skip sets for K = 1..max_k: step K adds the block whose skip scores best with the K - 1 chosen.
+
+    ``score(paths)`` returns one comparable value per path string (higher is
+    better, e.g. ``(accuracy, mean margin)``); ties go to the lower block.
+    """
+    _check_k(num_blocks, max_k)
+    chosen: list[int] = []
+    sets = {}
+    for k in range(1, max_k + 1):
+        candidates = [b for b in range(num_blocks) if b not in chosen
+                      and skip_run_ok(skip_path(num_blocks, chosen + [b]), max_skip_run)]
+        if not candidates:
+            raise ValueError(f"no block can be added to skips {chosen} within {max_skip_run} consecutive skips")
+        scores = score([skip_path(num_blocks, chosen + [b]) for b in candidates])
+        best = max(range(len(candidates)), key=lambda j: (scores[j], -candidates[j]))
+        chosen = sorted(chosen + [candidates[best]])
+        sets[k] = chosen
+    return sets
+
+
+def accuracy_scorer(model, tokenizer, examples: Sequence[Example], *, reward: str = "loglik",
+                    style: str | None = None, normalize: str = "chars", max_new_tokens: int = 256) -> Score:
+    """``score(paths)``: per path, ``(accuracy, mean gold margin)`` on ``examples`` (the search's path evaluator)."""
+    from .search.evaluator import PathEvaluator
+
+    if not examples:
+        raise ValueError("static skip sets need selection examples")
+
+    def score(paths: list[str]) -> list[tuple]:
+        hits = [0] * len(paths)
+        margins = [0.0] * len(paths)
+        for ex in examples:
+            evaluator = PathEvaluator(model, tokenizer, ex, mode=reward, style=style, normalize=normalize,
+                                      max_new_tokens=max_new_tokens)
+            for j, r in enumerate(evaluator.evaluate(paths)):
+                hits[j] += r.reward
+                margins[j] += r.margin or 0.0
+        return [(h / len(examples), m / len(examples)) for h, m in zip(hits, margins)]
+
+    return score
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def check_disjoint(calibration: Sequence[Example], evaluated: Sequence[Example]) -> None:
+    """Refuse calibration or selection items that are also evaluated: their figures would be chosen on the test."""
+    shared = {e.id for e in calibration} & {e.id for e in evaluated}
+    if shared:
+        raise ValueError(f"{len(shared)} calibration/selection items are also evaluated (e.g. {sorted(shared)[:3]}): "
+                         "take them from the train split, away from the evaluated items")
+
+
+def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, routers_dir: str | os.PathLike | None = None,
+                    data_dir: str | os.PathLike | None = None) -> tuple[list[Example], str]:
+    """Calibration/selection items and where they came from: the train split's dev part recorded with the
+    routers (``DEV_IDS_FILE``), else its first ``n`` items that are not evaluated."""
+    from .tasks import load_task
+
+    train = load_task(task, "train", data_dir=data_dir)
+    recorded = Path(routers_dir) / DEV_IDS_FILE if routers_dir is not None else None
+    if recorded is not None and recorded.is_file():
+        dev = json.loads(recorded.read_text())
+        if not isinstance(dev, list) or not all(isinstance(i, str) for i in dev):
+            raise ValueError(f"{recorded} must hold a JSON list of example ids")
+        missing = set(dev) - {e.id for e in train}
+        if missing:
+            raise ValueError(f"{recorded}: {len(missing)} ids are not {task} train items (e.g. {sorted(missing)[:3]})")
+        chosen = [e for e in train if e.id in set(dev)]
+        source = f"dev part recorded with the routers ({recorded})"
+    else:
+        taken = {e.id for e in evaluated}
+        chosen = [e for e in train if e.id not in taken][:n]
+        source = f"first {len(chosen)} {task} train items"
+    check_disjoint(chosen, evaluated)
+    return chosen, source
+
+
+def choose_skip_sets(model, tokenizer, method: str, ks: Sequence[int], *, calibration: Sequence[Example] = (),
+                     reward: str = "loglik", style: str | None = None, normalize: str = "chars",
+                     batch_size: int = 16, max_new_tokens: int = 256, seeds: int = SEEDS,
+                     max_skip_run: int = 2) -> tuple[dict[int, list[list[int]]], dict]:
+    """Skip sets of ``method`` for each K (one per seed for ``random``, else one), and what chose them.
+
+    ``calibration`` (``shortgpt``: prompts; ``static``: the selection set) is
+    encoded and scored as the evaluation does, by ``reward``/``style``/``normalize``.
+    """
+    L = describe(model).num_blocks
+    if method == "exit":
+        return {k: [exit_skips(L, k)] for k in ks}, {}
+    if method == "random":
+        return {k: [random_skips(L, k, seed, max_skip_run) for seed in range(seeds)] for k in ks}, {"seeds": seeds}
+    info = {"calibration_ids": [e.id for e in calibration]}
+    if method == "shortgpt":
+        influence = block_influence(model, tokenizer, calibration, reward=reward, style=style, batch_size=batch_size)
+        return {k: [shortgpt_skips(influence, k)] for k in ks}, {**info, "block_influence": influence}
+    if method == "static":
+        score = accuracy_scorer(model, tokenizer, calibration, reward=reward, style=style, normalize=normalize,
+                                max_new_tokens=max_new_tokens)
+        sets = greedy_skip_sets(score, L, max(ks), max_skip_run)
+        return {k: [sets[k]] for k in ks}, info
+    raise ValueError(f"unknown baseline {method!r}: choose from {', '.join(BASELINES)}")

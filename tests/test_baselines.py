@@ -1,0 +1,292 @@
+"""Baselines at equal compute: skip sets against hand computations, the paired test, the table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_evaluate import arc_examples, decisive_routers
+from tiny_tokenizer import make_tiny_tokenizer
+
+import drllm
+import drllm.baselines as bl
+from drllm.evaluate import compare, evaluate_path, mcnemar_exact, paired_test, verdict
+from drllm.search.mcts import skip_run_ok
+from drllm.tasks import cloze_requests, encode_request
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+L = 4
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    model = tiny_model("llama", seed=5, num_layers=L)
+    return model, make_tiny_tokenizer(chat_template=False)
+
+
+def explicit_states(model, ids: list[int], blocks) -> list[torch.Tensor]:
+    """Hidden states of one unpadded row, calling ``blocks`` by hand: the input, then each block's output."""
+    base = model.model
+    T = len(ids)
+    h = base.embed_tokens(torch.tensor([ids]))
+    pos = torch.arange(T)[None]
+    pe = base.rotary_emb(h, pos)
+    mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    states = [h]
+    for i in blocks:
+        h = base.layers[i](h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        states.append(h)
+    return states
+
+
+def explicit_logits(model, ids, blocks) -> torch.Tensor:
+    return model.lm_head(model.model.norm(explicit_states(model, ids, blocks)[-1]))[0]
+
+
+# --------------------------------------------------------------------------- skip sets
+
+
+@torch.no_grad()
+def test_block_influence_equals_explicit_loop(setup):
+    model, tok = setup
+    examples = arc_examples(5)  # prompts of different lengths: the batch is padded
+    sums, tokens = torch.zeros(L, dtype=torch.float64), 0
+    for ex in examples:
+        ctx, conts = cloze_requests(ex, tok)
+        states = explicit_states(model, encode_request(tok, ctx, conts[0])[0], range(L))
+        for i in range(L):
+            sums[i] += torch.nn.functional.cosine_similarity(states[i][0], states[i + 1][0], dim=-1).double().sum()
+        tokens += states[0].shape[1]
+    expected = (1 - sums / tokens).tolist()
+    influence = bl.block_influence(model, tok, examples, batch_size=3)
+    assert influence == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(x, 4) for x in influence)) == L  # distinct: the ranking below means something
+    order = sorted(range(L), key=lambda i: expected[i])
+    assert bl.shortgpt_skips(influence, 2) == sorted(order[:2])
+    assert not drllm.is_patched(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 2])
+def test_exit_equals_first_blocks_then_norm_and_head(setup, k):
+    model, tok = setup
+    skips = bl.exit_skips(L, k)
+    assert skips == list(range(L - k, L))
+    path = bl.skip_path(L, skips)
+    examples = arc_examples(4)
+    manual = []
+    for ex in examples:
+        ctx_text, conts = cloze_requests(ex, tok)
+        scores = []
+        for j, cont_text in enumerate(conts):
+            ctx, cont = encode_request(tok, ctx_text, cont_text)
+            ids = (ctx + cont)[:-1]
+            logits = explicit_logits(model, ids, range(L - k))
+            with drllm.forced_paths(model, [int(c) for c in path]):
+                forced = model(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(forced, logits, rtol=1e-5, atol=1e-5)
+            lp = logits[len(ctx) - 1 :].log_softmax(-1).gather(-1, torch.tensor(cont)[:, None])
+            scores.append(float(lp.sum()) / len(ex.choices[j]))
+        manual.append(max(range(len(scores)), key=lambda j: (scores[j], -j)))
+    rows = evaluate_path(model, tok, examples, path, batch_size=3)
+    assert [r["choice"] for r in rows] == manual
+    assert [r["correct"] for r in rows] == [int(c == ex.gold_index) for c, ex in zip(manual, examples)]
+    assert all(r["path"] == path and r["layers"] == (L - k) * r["passes"] for r in rows)
+
+
+def test_random_skips_respect_constraints_and_seed():
+    seen = set()
+    for k in range(1, 6):
+        for seed in range(20):
+            skips = bl.random_skips(8, k, seed)
+            assert skips == sorted(set(skips)) and len(skips) == k and all(0 <= b < 8 for b in skips)
+            assert skip_run_ok(bl.skip_path(8, skips), 2)
+            assert bl.random_skips(8, k, seed) == skips  # seeded
+            seen.add(tuple(skips))
+    assert len(seen) > 50  # seeds draw different sets
+    assert bl.random_skips(3, 2, 0, max_skip_run=1) == [0, 2]  # the only valid set
+    with pytest.raises(ValueError, match="consecutive"):
+        bl.random_skips(4, 3, 0, max_skip_run=1, tries=50)
+
+
+def test_greedy_static_picks_best_set_on_constructed_case():
+    gain = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3]  # additive; skipping 0, 1, 2 together breaks the skip-run rule
+    calls = []
+
+    def score(paths):
+        calls.append(paths)
+        return [(sum(g for g, c in zip(gain, p) if c == "0"),) for p in paths]
+
+    sets = bl.greedy_skip_sets(score, 6, 3)
+    assert sets == {1: [0], 2: [0, 1], 3: [0, 1, 5]}
+    assert [len(c) for c in calls] == [6, 5, 3]  # block 2 is not a candidate at step 3
+    from itertools import combinations
+
+    valid = [s for s in combinations(range(6), 3) if skip_run_ok(bl.skip_path(6, s), 2)]
+    assert list(max(valid, key=lambda s: sum(gain[b] for b in s))) == sets[3]
+    # ties go to the lower block
+    assert bl.greedy_skip_sets(lambda paths: [(0,)] * len(paths), 6, 2) == {1: [0], 2: [0, 1]}
+
+
+def test_static_selection_scores_match_evaluation(setup):
+    """The selection scorer (the search's path evaluator) agrees with the evaluation on every single skip."""
+    model, tok = setup
+    examples = arc_examples(6)
+    paths = [bl.skip_path(L, [b]) for b in range(L)]
+    scores = bl.accuracy_scorer(model, tok, examples)(paths)
+    accuracies = [sum(r["correct"] for r in evaluate_path(model, tok, examples, p)) / len(examples) for p in paths]
+    assert [s[0] for s in scores] == accuracies
+    sets, info = bl.choose_skip_sets(model, tok, "static", [1], calibration=examples)
+    best = max(range(L), key=lambda b: (scores[b], -b))
+    assert sets == {1: [[best]]} and info["calibration_ids"] == [e.id for e in examples]
+
+
+def test_parse_baselines():
+    assert bl.parse_baselines(["shortgpt:4,1,2", "exit:2"]) == [("shortgpt", [1, 2, 4]), ("exit", [2])]
+    for bad in ("prune:1", "exit", "exit:0", "exit:a"):
+        with pytest.raises(ValueError):
+            bl.parse_baselines([bad])
+    with pytest.raises(ValueError, match="K must be in"):
+        bl.exit_skips(4, 4)
+
+
+# --------------------------------------------------------------------------- paired test
+
+
+def test_mcnemar_known_values():
+    assert mcnemar_exact(0, 5) == pytest.approx(0.0625)
+    assert mcnemar_exact(5, 0) == pytest.approx(0.0625)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(0.03125)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for b, c in [(2, 7), (10, 4), (0, 1), (13, 25)]:
+        assert mcnemar_exact(b, c) == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+    t = paired_test([1, 1, 0, 0, 1], [1, 0, 1, 1, 1])
+    assert (t["only_vanilla"], t["only_method"]) == (1, 2) and t["p"] == 1.0
+    assert verdict({"method": "exit", "mcnemar": t}) == "no significant difference"
+    assert verdict({"method": "exit", "mcnemar": {"only_vanilla": 6, "only_method": 0, "p": 0.03125}}) == \
+        "worse than vanilla"
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def write_arc(folder, split, examples):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{split}.jsonl", "w") as f:
+        for ex in examples:
+            f.write(json.dumps({"id": ex.id, "question": {"stem": ex.question, "choices": [
+                {"text": t, "label": lab} for t, lab in zip(ex.choices, ex.labels)]}, "answerKey": ex.answer}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tmp_path_factory):
+    """The tiny model, tokenizer and routers on disk, and ARC files: train q0..q7, validation q8..q11."""
+    model, tok = setup
+    root = tmp_path_factory.mktemp("baselines")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    decisive_routers(model, tok).save_pretrained(root / "routers")
+    examples = arc_examples(12)
+    write_arc(root / "data" / "arc_easy", "train", examples[:8])
+    write_arc(root / "data" / "arc_easy", "validation", examples[8:])
+    return root
+
+
+def run_eval(root, *extra):
+    from drllm.cli import main
+
+    return main(["eval", "--model", str(root / "model"), "--device", "cpu", "--routers", str(root / "routers"),
+                 "--task", "arc_easy", "--data-dir", str(root / "data"), "--batch-size", "4", *extra])
+
+
+def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
+    model, tok = setup
+    out_json = tmp_path / "out.json"
+    rc = run_eval(saved, "--split", "validation", "--baselines", "shortgpt:1,2", "static:1", "random:1",
+                  "exit:1,2", "--lam", "-0.5", "0", "--calib-n", "5", "--out-dir", str(tmp_path / "figs"),
+                  "--json", str(out_json))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(out_json.read_text())
+    methods = payload["methods"]
+    assert [(m["method"], m["setting"]) for m in methods] == [
+        ("vanilla", None), ("routers", -0.5), ("routers", 0.0), ("shortgpt", 1), ("shortgpt", 2), ("static", 1),
+        ("random", 1), ("exit", 1), ("exit", 2)]
+    for m in methods:
+        assert {"method", "setting", "accuracy", "ci95", "blocks_per_pass", "n", "mcnemar"} <= set(m)
+        assert m["n"] == 4 and m["ci95"][0] <= m["accuracy"] <= m["ci95"][1]
+        assert set(m["mcnemar"]) == {"only_vanilla", "only_method", "p"}
+        if m["method"] in ("shortgpt", "static", "exit"):
+            assert len(m["skipped"]) == m["setting"] and m["blocks_per_pass"] == L - m["setting"]
+    vanilla = methods[0]
+    assert vanilla["blocks_per_pass"] == L and vanilla["mcnemar"]["p"] == 1.0
+    assert methods[2]["accuracy"] == payload["results"][1]["routed"]["accuracy"]
+    rnd = methods[6]
+    assert len(rnd["runs"]) == 5 and rnd["skipped"] == [bl.random_skips(L, 1, s) for s in range(5)]
+    assert rnd["accuracy"] == pytest.approx(sum(r["accuracy"] for r in rnd["runs"]) / 5)
+    assert rnd["spread"]["min"] <= rnd["accuracy"] <= rnd["spread"]["max"]
+    # the exit row is the forced path evaluated directly on the same items
+    from drllm.tasks import load_task
+
+    items = load_task("arc_easy", "validation", data_dir=saved / "data")
+    direct = evaluate_path(model, tok, items, bl.skip_path(L, [L - 1]), batch_size=4)
+    assert methods[7]["correct"] == sum(r["correct"] for r in direct)
+    assert payload["baselines"]["shortgpt"]["calibration_ids"] == [f"q{i}" for i in range(5)]
+    assert len(payload["baselines"]["shortgpt"]["block_influence"]) == L
+    assert "no significant difference" in printed and "McNemar" in printed
+    assert "first 5 arc_easy train items" in printed
+    assert (tmp_path / "figs" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "figs" / "frontier.md").read_text().count("\n") == len(methods) + 2
+
+
+def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
+    """Evaluate train items themselves: calibration and selection still never see them."""
+    from drllm.search import evaluator as ev_module
+
+    seen = []
+    influence, evaluator = bl.block_influence, ev_module.PathEvaluator
+
+    def spy_influence(model, tok, examples, **kw):
+        seen.extend(e.id for e in examples)
+        return influence(model, tok, examples, **kw)
+
+    class SpyEvaluator(evaluator):
+        def __init__(self, model, tok, example, **kw):
+            seen.append(example.id)
+            super().__init__(model, tok, example, **kw)
+
+    monkeypatch.setattr(bl, "block_influence", spy_influence)
+    monkeypatch.setattr(ev_module, "PathEvaluator", SpyEvaluator)
+    assert run_eval(saved, "--split", "train", "--n", "3", "--baselines", "shortgpt:1", "static:1",
+                    "--calib-n", "4") == 0
+    assert seen and set(seen) == {"q3", "q4", "q5", "q6"}  # train items, none of the evaluated q0..q2
+    # a recorded dev part that holds an evaluated item is refused
+    (saved / "routers" / bl.DEV_IDS_FILE).write_text(json.dumps(["q1", "q5"]))
+    try:
+        with pytest.raises(ValueError, match="also evaluated"):
+            run_eval(saved, "--split", "train", "--n", "3", "--baselines", "static:1")
+    finally:
+        (saved / "routers" / bl.DEV_IDS_FILE).unlink()
+
+
+def test_compare_refuses_overlap_and_uses_recorded_dev_part(setup, saved):
+    model, tok = setup
+    examples = arc_examples(3)
+    with pytest.raises(ValueError, match="also evaluated"):
+        compare(model, tok, examples, baselines=[("shortgpt", [1])], calibration=arc_examples(4)[2:])
+    (saved / "routers" / bl.DEV_IDS_FILE).write_text(json.dumps(["q6", "q2"]))
+    try:
+        items, source = bl.calibration_set("arc_easy", examples[:1], n=5, routers_dir=saved / "routers",
+                                           data_dir=saved / "data")
+    finally:
+        (saved / "routers" / bl.DEV_IDS_FILE).unlink()
+    assert [e.id for e in items] == ["q2", "q6"] and "recorded with the routers" in source
+    res = compare(model, tok, examples, baselines=[("exit", [1])])
+    assert [m["method"] for m in res["methods"]] == ["vanilla", "exit"] and res["sweep"] == []
+    assert math.isclose(res["methods"][1]["blocks_per_pass"], L - 1)
