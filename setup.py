@@ -65,6 +65,8 @@ ext_modules, cmdclass = extensions()
 setup(
     packages=find_packages(include=["drllm", "drllm.*"]) + ["drllm.kernels"],
     package_dir={"drllm.kernels": "kernels"},
+    # the ARC items the demo needs (drllm.tasks.data.EMBEDDED), so it runs offline from a wheel too
+    package_data={"drllm.tasks": ["embedded/*/*.jsonl", "embedded/README.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
