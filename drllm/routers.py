@@ -10,9 +10,75 @@ import torch
 from torch import nn
 
 from . import ops
+from .artifacts import ArtifactError, load_tensors, read_json
 
 CONFIG_NAME = "drllm_routers.json"
 WEIGHTS_NAME = "routers.safetensors"
+
+# Bounds of a router config: far above any real model, low enough that a lying file cannot exhaust memory.
+CONFIG_BOUNDS = {"hidden_size": 65536, "num_blocks": 1024, "num_windows": 1024, "hidden": 4096}
+REQUIRED = ("model_type", "hidden_size", "num_blocks")
+MAX_PARAMETERS = 2**28  # 1 GiB of float32; a 405B Llama's routers (126 x 16384 x 128) fit
+
+
+class RouterFileError(ArtifactError):
+    """A router checkpoint drllm refuses to load; the message names the file, the problem and the fix."""
+
+
+def _fix(directory: Path) -> str:
+    return (f"re-save the routers with Routers.save_pretrained or retrain them (`drllm train --out {directory}`); "
+            "never edit these files by hand")
+
+
+def check_config(config, path: Path) -> dict:
+    """A router config that is safe to build: known keys, right types, positive ints within bounds, and a
+    parameter count below :data:`MAX_PARAMETERS`; checked before anything is allocated."""
+    fix = _fix(path.parent)
+    if not isinstance(config, dict):
+        raise RouterFileError(f"{path}: expected a JSON object, got {type(config).__name__}; {fix}")
+    unknown = sorted(set(config) - set(REQUIRED) - set(CONFIG_BOUNDS))
+    missing = [k for k in REQUIRED if k not in config]
+    if unknown or missing:
+        raise RouterFileError(f"{path}: unknown keys {unknown}, missing keys {missing}; {fix}")
+    if not isinstance(config["model_type"], str) or not config["model_type"]:
+        raise RouterFileError(f"{path}: model_type must be a non-empty string, got {config['model_type']!r}; {fix}")
+    for key, bound in CONFIG_BOUNDS.items():
+        value = config.get(key, 1)
+        if type(value) is not int or not 1 <= value <= bound:  # bool is an int subclass: refused too
+            raise RouterFileError(f"{path}: {key} must be an integer in [1, {bound}], got {value!r}; {fix}")
+    config = {"num_windows": 8, "hidden": 128, **config}
+    count = config["num_blocks"] * _mlp_parameters(config["hidden_size"], config["hidden"])
+    if count > MAX_PARAMETERS:
+        raise RouterFileError(f"{path}: the config asks for {count:,} router parameters, more than the "
+                              f"{MAX_PARAMETERS:,} allowed; {fix}")
+    return config
+
+
+def _mlp_parameters(hidden_size: int, hidden: int) -> int:
+    return hidden_size * hidden + hidden + hidden * 3 + 3
+
+
+def _layout(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtype (float32) of the tensors a checkpoint of ``config`` holds."""
+    H, h = config["hidden_size"], config["hidden"]
+    shapes = {"fc1.weight": (h, H), "fc1.bias": (h,), "fc2.weight": (3, h), "fc2.bias": (3,)}
+    return {f"mlps.{i}.{name}": (shape, "F32") for i in range(config["num_blocks"]) for name, shape in shapes.items()}
+
+
+def _check_depth(weights: Path, config_file: Path, num_blocks: int) -> None:
+    """A config whose ``num_blocks`` disagrees with the weights gets a message saying so."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            blocks = {k.split(".")[1] for k in f.keys() if k.startswith("mlps.")}
+    except Exception:  # unreadable: load_tensors names the problem
+        return
+    if blocks and len(blocks) != num_blocks:
+        raise RouterFileError(
+            f"{weights}: holds routers for {len(blocks)} blocks but {config_file} says num_blocks {num_blocks}: "
+            f"the two files come from different checkpoints; {_fix(weights.parent)}"
+        )
 
 
 class RouterMLP(nn.Module):
@@ -107,16 +173,19 @@ class Routers(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Routers":
-        from safetensors.torch import load_file
-
+        """Routers saved by :meth:`save_pretrained`, checked before use: the config against a schema with
+        bounds, then the weights' names, shapes and dtypes (from the header, before any tensor is read), then
+        their values (finite). Raises :class:`RouterFileError` naming the file, the problem and the fix."""
         directory = Path(directory)
-        config_file = directory / CONFIG_NAME
+        config_file, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_file.is_file():
             raise FileNotFoundError(
                 f"{config_file} not found: a router checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
                 "(written by Routers.save_pretrained or `drllm train`)"
             )
-        config = json.loads(config_file.read_text())
+        config = check_config(read_json(config_file, _fix(directory), RouterFileError), config_file)
+        _check_depth(weights, config_file, config["num_blocks"])
+        state = load_tensors(weights, _layout(config), _fix(directory), RouterFileError)
         routers = cls(**config)
-        routers.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        routers.load_state_dict(state)
         return routers.to(device)

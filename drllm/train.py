@@ -18,6 +18,9 @@ pooling), cached on disk, and the routers are trained on the cache:
 - a checkpoint per epoch (routers, optimizer, scheduler, history), written to a
   temporary folder renamed into place, so an interrupted run resumes from the
   last complete epoch and ends with exactly the routers of an uninterrupted run.
+  It is safetensors (tensors) and JSON (the rest), never pickle, and every
+  part is checked before it is loaded: an output folder may come from someone
+  else, and unpickling a file runs any code it carries.
 
 The router logits used in training are those of inference: for each block the
 router MLP is applied to every valid window mean and the logits are averaged
@@ -33,6 +36,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .artifacts import ArtifactError, load_tensors, model_fingerprint, read_json, write_json
 from .batching import pad_batch
 from .paths import path_from_str
 from .routers import Routers
@@ -64,7 +69,10 @@ __all__ = [
 
 CLASS_NAMES = ("skip", "execute", "repeat")
 CHECKPOINTS = "checkpoints"
-STATE_NAME = "trainer_state.pt"
+STATE_TENSORS = "trainer_state.safetensors"  # optimizer moments
+STATE_JSON = "trainer_state.json"  # epoch, history, signature, optimizer groups, scheduler
+STATE_KEYS = {"epoch", "history", "signature", "param_groups", "scheduler"}
+LEGACY_STATE = "trainer_state.pt"  # a pickle of older versions: never loaded
 METRICS_NAME = "train_metrics.json"
 CONFIG_NAME = "train_config.json"
 
@@ -169,7 +177,9 @@ def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = No
     maps ids to skip-probe records).
 
     Every path of a record must have one digit per block; a path of the wrong
-    length for ``num_blocks`` is an error.
+    length for ``num_blocks`` is an error. A repeated id keeps its first
+    record, with a warning: a copy would count twice and could land in both
+    the training and the validation part.
     """
     records = []
     with open(paths_file) as f:
@@ -197,24 +207,20 @@ def load_path_records(paths_file: str | os.PathLike, num_blocks: int | None = No
                 raise ValueError(f"{paths_file}:{line_no}: record without an integer 'num_blocks'")
             probe = (probes or {}).get(rec.get("id"))
             records.append({**rec, "label": label_path(rec, min_margin, shared, probe)})
-    return records
+    return _first_of_each_id(records, paths_file)
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity of a model's weights: config, names, shapes, dtypes, a strided sample and a sum."""
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode() if hasattr(config, "to_json_string") else b"")
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            flat = p.detach().reshape(-1)
-            digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if flat.numel():
-                step = max(1, flat.numel() // 4096)
-                digest.update(flat[::step].float().cpu().numpy().tobytes())
-                digest.update(repr(float(flat.double().sum())).encode())
-    return digest.hexdigest()
+def _first_of_each_id(records: list[dict], source) -> list[dict]:
+    kept, seen = [], set()
+    for rec in records:
+        if rec.get("id") not in seen:
+            kept.append(rec)
+            if rec.get("id") is not None:
+                seen.add(rec["id"])
+    if len(kept) < len(records):
+        warnings.warn(f"{source}: {len(records) - len(kept)} records repeat an id already seen; "
+                      "kept the first record of each id", stacklevel=3)
+    return kept
 
 
 def _feature_key(fingerprint: str, token_ids: Sequence[int], path: str, num_windows: int) -> str:
@@ -474,7 +480,7 @@ def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     root = out_dir / CHECKPOINTS
     if root.is_dir():
         for d in root.iterdir():
-            if d.is_dir() and d.name.startswith("epoch-") and (d / STATE_NAME).is_file():
+            if d.is_dir() and d.name.startswith("epoch-") and (d / STATE_JSON).is_file():
                 try:
                     found.append((int(d.name[len("epoch-") :]), d))
                 except ValueError:
@@ -482,7 +488,38 @@ def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(out_dir: Path, epoch: int, routers: Routers, state: dict, keep: int) -> Path:
+def _refuse_legacy_state(out_dir: Path) -> None:
+    """Refuse to resume next to a pickled trainer state of an older drllm, which is never loaded: unpickling
+    a file from someone else runs any code it carries."""
+    legacy = sorted((out_dir / CHECKPOINTS).glob(f"epoch-*/{LEGACY_STATE}"))
+    if legacy:
+        raise ArtifactError(
+            f"{legacy[-1]}: a pickled trainer state (older drllm), never loaded because unpickling can run code; "
+            f"delete {out_dir / CHECKPOINTS} or train into a fresh --out"
+        )
+
+
+def _optimizer_layout(optimizer: torch.optim.Optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors AdamW holds after a step, as saved: ``optimizer.<param>.<step|exp_avg|exp_avg_sq>``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {f"optimizer.{i}.{name}": (shape, "F32") for i, p in enumerate(params)
+            for name, shape in (("step", ()), ("exp_avg", tuple(p.shape)), ("exp_avg_sq", tuple(p.shape)))}
+
+
+def _save_trainer_state(directory: Path, optimizer, scheduler, info: dict) -> None:
+    """Optimizer moments as safetensors, the rest (``info``, optimizer groups, scheduler) as JSON."""
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{name}": t.detach().cpu().contiguous()
+               for i, state in opt["state"].items() for name, t in state.items()}
+    save_file(tensors, str(directory / STATE_TENSORS))
+    write_json(directory / STATE_JSON, {**info, "param_groups": opt["param_groups"],
+                                        "scheduler": scheduler.state_dict()})
+
+
+def _save_checkpoint(out_dir: Path, epoch: int, routers: Routers, optimizer, scheduler, info: dict,
+                     keep: int) -> Path:
     root = out_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch-{epoch:04d}"
@@ -490,7 +527,7 @@ def _save_checkpoint(out_dir: Path, epoch: int, routers: Routers, state: dict, k
     if tmp.exists():
         shutil.rmtree(tmp)
     routers.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_NAME)
+    _save_trainer_state(tmp, optimizer, scheduler, info)
     if final.exists():  # a leftover of an earlier run being overwritten
         shutil.rmtree(final)
     os.replace(tmp, final)  # the folder appears complete, or not at all
@@ -499,10 +536,60 @@ def _save_checkpoint(out_dir: Path, epoch: int, routers: Routers, state: dict, k
     return final
 
 
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _as_json(value):
+    """``value`` as it reads back from a JSON file (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _without_lr(group) -> dict | None:
+    return {k: v for k, v in group.items() if k != "lr"} if isinstance(group, dict) else None
+
+
+def _state_problem(state, epoch: int, optimizer, scheduler) -> str | None:
+    """What makes the JSON part of a trainer state unfit for this trainer, if anything: its keys, the epoch
+    of its folder, optimizer groups other than this run's (but for the scheduled learning rate), a
+    scheduler state of another shape."""
+    groups = _as_json(optimizer.state_dict()["param_groups"])
+    sched = _as_json(scheduler.state_dict())
+    if not isinstance(state, dict) or set(state) != STATE_KEYS:
+        return "not a trainer state (other keys)"
+    if state["epoch"] != epoch or not isinstance(state["history"], list) or len(state["history"]) != epoch:
+        return f"epoch or history does not match the folder's epoch {epoch}"
+    saved = state["param_groups"] if isinstance(state["param_groups"], list) else []
+    if [_without_lr(g) for g in saved] != [_without_lr(g) for g in groups] or not all(
+            isinstance(g["lr"], float) for g in saved):
+        return "optimizer settings differ from this run's"
+    if not isinstance(state["scheduler"], dict) or set(state["scheduler"]) != set(sched) or any(
+            type(state["scheduler"][k]) is not type(v) for k, v in sched.items()):
+        return "scheduler state does not fit this run's scheduler"
+    return None
+
+
+def _resume(ckpt: Path, epoch: int, signature: dict, routers: Routers, optimizer, scheduler) -> list[dict]:
+    """Load a checkpoint written by :func:`_save_checkpoint` into ``routers``, ``optimizer`` and ``scheduler``
+    after checking every part of it; returns the history so far."""
+    fix = f"delete {ckpt} to resume from the epoch before, or train into a fresh --out"
+    path = ckpt / STATE_JSON
+    state = read_json(path, fix)
+    if isinstance(state, dict) and state.get("signature") != _as_json(signature):
+        recorded = state.get("signature") if isinstance(state.get("signature"), dict) else {}
+        changed = [k for k in signature if recorded.get(k) != _as_json(signature[k])]
+        raise ArtifactError(
+            f"{ckpt} was written by a run with another {' and '.join(changed)}; "
+            "pass resume=False (drllm train --no-resume) to start over, or use another output folder"
+        )
+    problem = _state_problem(state, epoch, optimizer, scheduler)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}; {fix}")
+    tensors = load_tensors(ckpt / STATE_TENSORS, _optimizer_layout(optimizer), fix)
+    moments: dict[int, dict] = {}
+    for key, t in tensors.items():
+        _, index, name = key.split(".")
+        moments.setdefault(int(index), {})[name] = t
+    routers.load_state_dict(Routers.from_pretrained(ckpt).state_dict())
+    optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    return state["history"]
 
 
 # --------------------------------------------------------------------------- training
@@ -556,6 +643,8 @@ def train_routers(
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.resume:
+        _refuse_legacy_state(out_dir)
     info = describe(model)
     L = info.num_blocks
 
@@ -626,23 +715,12 @@ def train_routers(
     history: list[dict] = []
     start_epoch = 0
     resumed_from = None
-    existing = _checkpoint_dirs(out_dir)
-    if existing and config.resume:
-        epoch, ckpt = existing[-1]
-        state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
-        if state["signature"] != signature:
-            changed = [k for k in signature if state["signature"].get(k) != signature[k]]
-            raise ValueError(
-                f"{ckpt} was written by a run with another {' and '.join(changed)}; "
-                "pass resume=False (drllm train --no-resume) to start over, or use another output folder"
-            )
-        loaded = Routers.from_pretrained(ckpt, device=device)
-        routers.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = state["history"]
-        start_epoch = resumed_from = epoch
-    _write_json(out_dir / CONFIG_NAME, {**asdict(config), "paths_file": str(paths_file)})
+    existing = _checkpoint_dirs(out_dir) if config.resume else []
+    if existing:
+        resumed_from, ckpt = existing[-1]
+        history = _resume(ckpt, resumed_from, signature, routers, optimizer, scheduler)
+        start_epoch = resumed_from
+    write_json(out_dir / CONFIG_NAME, {**asdict(config), "paths_file": str(paths_file)})
 
     # ---- epochs
     t1 = time.perf_counter()
@@ -671,15 +749,10 @@ def train_routers(
             val_m = _evaluate_split(routers, means, valid, labels, va, weights, config, device)
             entry = {"epoch": epoch + 1, "lr": lr, "train": train_m, "val": val_m}
             history.append(entry)
-            state = {
-                "epoch": epoch + 1,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "signature": signature,
-            }
-            _save_checkpoint(out_dir, epoch + 1, routers, state, config.keep_checkpoints)
-            _write_json(out_dir / METRICS_NAME, history)
+            _save_checkpoint(out_dir, epoch + 1, routers, optimizer, scheduler,
+                             {"epoch": epoch + 1, "history": history, "signature": signature},
+                             config.keep_checkpoints)
+            write_json(out_dir / METRICS_NAME, history)
             shown = val_m if val_m else train_m
             bar.set_postfix(loss=f"{train_m['loss']:.4f}", acc=f"{shown['accuracy']:.3f}",
                             f1=f"{shown['macro_f1']:.3f}", len=f"{shown['mean_pred_length']:.1f}")

@@ -6,17 +6,30 @@ Imported to build ``drllm --help``: nothing here may import torch at module leve
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
+import functools
 
+from ..artifacts import ArtifactError
+from ..artifacts import write_json as write_json_atomic  # noqa: F401 (re-exported for the commands)
 from ..models import DEFAULT_MODEL
 from ..tasks.data import TASKS
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: ``drllm`` prints it as one line and exits with status 2."""
+
+
+def refusals_are_user_errors(run):
+    """A command's ``run`` whose refused files (:class:`drllm.artifacts.ArtifactError`: a locked output,
+    other settings, a corrupt or foreign checkpoint) print as one-line user errors, not tracebacks."""
+
+    @functools.wraps(run)
+    def wrapped(args):
+        try:
+            return run(args)
+        except ArtifactError as err:
+            raise UsageError(str(err)) from None
+
+    return wrapped
 
 
 def positive_int(text: str) -> int:
@@ -75,17 +88,6 @@ def load_model_from_args(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, dtype=dtype, device=args.device)
-
-
-def write_json_atomic(path: str | os.PathLike, payload) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

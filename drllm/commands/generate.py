@@ -32,8 +32,9 @@ def add_parser(subparsers) -> None:
     )
     add_model_args(p)
     p.add_argument("prompts", nargs="+", help="one or more prompts, generated one after the other")
-    p.add_argument("--routers", default=None, help="router checkpoint folder (default: no routers, vanilla)")
-    p.add_argument("--path", default=None, type=path_text, help="force this path for every prompt, e.g. 111011...")
+    route = p.add_mutually_exclusive_group()  # a forced path overrides every router decision
+    route.add_argument("--routers", default=None, help="router checkpoint folder (default: no routers, vanilla)")
+    route.add_argument("--path", default=None, type=path_text, help="force this path for every prompt, e.g. 111011...")
     p.add_argument("--lam", type=lam_value, default=0.0,
                    help="control knob in [-1, 1]: <0 skips more, >0 repeats more")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate per prompt")

@@ -4,6 +4,10 @@ Under ``torchrun`` (``WORLD_SIZE``/``RANK`` set) each rank searches
 ``examples[rank::world]`` into its own shard file and rank 0 merges the
 shards into ``--out`` once all are complete. ``--shard i/n`` does the same by
 hand; ``drllm search --merge OUT SHARD...`` merges shard files.
+
+Each output is written by one process at a time and records the settings
+that made it (``OUT.settings.json``); a rerun under other settings is
+refused before anything is appended, unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import os
 import sys
 import time
 
-from .common import add_data_args, add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
+from .common import (
+    UsageError, add_data_args, add_json_arg, add_model_args, add_task_arg, format_table, load_model_from_args,
+    positive_int, refusals_are_user_errors, write_json_atomic,
+)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -29,15 +36,18 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("search", help="find skip/execute/repeat paths by length-aware MCTS")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--task", default="arc_easy", help="arc_easy, arc_challenge, gsm8k or math")
-    p.add_argument("--split", default="train")
-    p.add_argument("--n", type=int, default=None, help="first N examples of the split (default: all)")
-    p.add_argument("--simulations", type=int, default=50)
+    add_task_arg(p)
+    p.add_argument("--split", default="train", help="split to search (default: train)")
+    p.add_argument("--n", type=positive_int, default=None, help="first N examples of the split (default: all)")
+    p.add_argument("--simulations", type=positive_int, default=50, help="MCTS simulations per example")
     p.add_argument("--reward", default="loglik", choices=["loglik", "generate"],
                    help="log-likelihood (cloze, acc_norm) or generation + answer extraction")
     p.add_argument("--out", default="paths.jsonl", help="JSONL output (resumed when it exists)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start OUT (and the --probe-skips file) over when they were made with other settings "
+                        "(default: refuse, so two experiments never mix in one file)")
     p.add_argument("--shard", default=None, help="i/n: search examples[i::n] into OUT's shard file i")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
     p.add_argument("--batch", type=int, default=8, help="candidate paths per batched evaluation")
     p.add_argument("--c", type=float, default=1.8, help="UCB exploration constant")
     p.add_argument("--penalty", type=float, default=3.0, help="length penalty (times length / L)")
@@ -56,7 +66,7 @@ def add_parser(subparsers) -> None:
                         "items share where no path of their own wins (costs about 1.5x the search)")
     p.add_argument("--merge", nargs="+", default=None, metavar=("OUT", "SHARD"),
                    help="only merge shard files: OUT SHARD [SHARD ...]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_arg(p)
     p.set_defaults(run=run)
 
@@ -79,6 +89,18 @@ def _print_summary(summary: dict, out) -> None:
     print(f"records: {out}")
 
 
+def _fail_if_locked(*outputs) -> None:
+    """Refuse at once, before the model loads, an output another process is writing (the real lock is
+    taken again while writing)."""
+    from ..artifacts import exclusive_lock
+
+    for out in outputs:
+        if out is not None:
+            with exclusive_lock(out):
+                pass
+
+
+@refusals_are_user_errors
 def run(args) -> int:
     from ..search import SearchConfig, merge_shards, run_search, shard_path, summarize
     from ..search.run import shard_examples, wait_for_shards
@@ -118,16 +140,19 @@ def run(args) -> int:
         length_cap=args.length_cap, early_stop=not args.no_early_stop, batch=args.batch, seed=args.seed,
         max_new_tokens=args.max_new_tokens, min_margin=args.min_margin,
     )
-    model, tokenizer = load_model_from_args(args)
     out = shard_path(args.out, *shard) if shard else args.out
+    _fail_if_locked(out, args.probe_skips)
+    model, tokenizer = load_model_from_args(args)
     start = time.perf_counter()
+    recorded = {"split": args.split}
     summary = run_search(model, tokenizer, examples, out, config=config, reward=args.reward, shard=shard,
-                         progress=not args.no_progress and (sys.stderr.isatty() or shard is None or shard[0] == 0))
+                         progress=not args.no_progress and (sys.stderr.isatty() or shard is None or shard[0] == 0),
+                         settings=recorded, overwrite=args.overwrite)
     if args.probe_skips:
         from ..search import block_gains, probe_skips, shared_skip
 
         probes = probe_skips(model, tokenizer, examples, args.probe_skips, config=config,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, settings=recorded, overwrite=args.overwrite)
         summary["shared_skip"] = shared_skip(probes)
         summary["block_gains"] = block_gains(probes)
     summary["wall_seconds"] = time.perf_counter() - start

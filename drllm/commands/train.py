@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .common import add_json_arg, add_model_args, format_table, load_model_from_args, positive_int, write_json_atomic
+from .common import (
+    add_json_arg, add_model_args, format_table, load_model_from_args, positive_int, refusals_are_user_errors,
+    write_json_atomic,
+)
 
 # Options that are TrainConfig fields: left out, they take its defaults (read when training starts, not to build
 # the parser, which must not import torch).
@@ -45,6 +48,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+@refusals_are_user_errors
 def run(args) -> int:
     from ..train import CLASS_NAMES, TrainConfig, train_routers
 

@@ -4,7 +4,11 @@ Records are appended one line at a time, flushed and fsynced; a reader
 (:func:`read_records`) ignores a torn last line, and a resumed run first
 rewrites the file without it (temp file + ``os.replace``), so an interrupted
 run never corrupts finished records. A rerun skips the ids already in the
-file. Every example's search is seeded from ``(config.seed, example id)``
+file. One process at a time writes a file (an exclusive lock on
+``OUT.lock``), and the settings that change the records are kept in
+``OUT.settings.json`` (:func:`drllm.artifacts.claim_output`): a rerun under
+other settings is refused instead of mixing two experiments in one file;
+``overwrite`` starts over. Every example's search is seeded from ``(config.seed, example id)``
 alone, so records do not depend on the order, the sharding or on resuming.
 
 Record fields: ``id``, ``task``, ``reward_mode``, ``prompt`` (the routing
@@ -29,8 +33,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from ..artifacts import (
+    ArtifactError, claim_output, exclusive_lock, model_fingerprint, read_settings, settings_diff, settings_path,
+    write_json,
+)
 from ..tasks import Example
 from .evaluator import MODES, PathEvaluator
 from .mcts import MCTSConfig, mcts_search
@@ -43,6 +51,7 @@ __all__ = [
     "merge_shards",
     "shard_path",
     "shard_examples",
+    "output_settings",
     "summarize",
     "wait_for_shards",
 ]
@@ -63,6 +72,24 @@ class SearchConfig(MCTSConfig):
     def mcts(self) -> MCTSConfig:
         names = {f.name for f in fields(MCTSConfig)}
         return MCTSConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+
+# SearchConfig fields that change speed, not records
+_SPEED_ONLY = ("prefix", "max_rows")
+
+
+def output_settings(kind: str, model: Any, examples: Sequence[Example], extra: dict | None = None,
+                    **values: Any) -> dict:
+    """What makes an output's records what they are (kept next to the file by :func:`claim_output`):
+    its ``kind``, the model's weights, the task, ``values`` and the caller's ``extra`` (e.g. the split)."""
+    tasks = ",".join(sorted({e.task for e in examples}))
+    return {"kind": kind, "model": model_fingerprint(model), "task": tasks, **values, **(extra or {})}
+
+
+def search_settings(model: Any, examples: Sequence[Example], config: SearchConfig, reward: str,
+                    extra: dict | None = None) -> dict:
+    values = {k: v for k, v in asdict(config).items() if k not in _SPEED_ONLY}
+    return output_settings("search", model, examples, extra, reward=reward, **values)
 
 
 def example_seed(seed: int, example_id: str) -> int:
@@ -215,9 +242,15 @@ def summarize(records: Sequence[dict], seconds: float | None = None) -> dict:
 
 def run_search(model: Any, tokenizer: Any, examples: Sequence[Example], out_path: str | os.PathLike, *,
                config: SearchConfig | None = None, reward: str = "loglik",
-               shard: tuple[int, int] | None = None, progress: bool = True) -> dict:
+               shard: tuple[int, int] | None = None, progress: bool = True,
+               settings: dict | None = None, overwrite: bool = False) -> dict:
     """Search every example (of ``shard`` ``(i, n)``: ``examples[i::n]``) and append its record to
-    ``out_path``, skipping ids already there. Returns :func:`summarize` of this shard's records."""
+    ``out_path``, skipping ids already there. Returns :func:`summarize` of this shard's records.
+
+    ``settings``: more settings to record with the output (e.g. the split);
+    an output made under other settings is refused unless ``overwrite``
+    (which starts it over).
+    """
     config = config or SearchConfig()
     if reward not in MODES:
         raise ValueError(f"reward must be one of {MODES}, got {reward!r}")
@@ -226,38 +259,54 @@ def run_search(model: Any, tokenizer: Any, examples: Sequence[Example], out_path
     if len(set(ids)) != len(ids):
         raise ValueError("example ids must be unique (records are keyed by id)")
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = _repair(out)
-    done = {r["id"]: r for r in existing}
-    todo = [e for e in mine if e.id not in done]
-    records = {i: done[i] for i in ids if i in done}
+    with exclusive_lock(out):
+        claim_output(out, search_settings(model, examples, config, reward, settings), overwrite)
+        records = append_missing(out, mine, lambda ex: search_example(model, tokenizer, ex, config, reward),
+                                 desc="search", progress=progress, figures=_progress_figures)
+    return summarize([records[i] for i in ids if i in records])
 
+
+def _progress_figures(records: Sequence[dict]) -> dict:
+    s = summarize(records)
+    return {"default": f"{s['default_accuracy']:.3f}", "best": f"{s['best_accuracy']:.3f}",
+            "saved": f"{s['mean_layers_saved']:.2f}", "evals_s": f"{s['evaluations_per_second']:.1f}"}
+
+
+def append_missing(out: Path, examples: Sequence[Example], make_record: Callable[[Example], dict], *,
+                   desc: str, progress: bool,
+                   figures: Callable[[list[dict]], dict] | None = None) -> dict[str, dict]:
+    """Append ``make_record(example)`` to ``out`` for each example without a record there (a torn last
+    line repaired first); returns every record of ``out`` by id. ``figures`` of the examples' records
+    so far are shown on the progress bar."""
+    records = {r["id"]: r for r in _repair(out)}
+    todo = [e for e in examples if e.id not in records]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="search", unit="ex", dynamic_ncols=True)
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc, unit="ex", dynamic_ncols=True)
     try:
         with open(out, "a", encoding="utf-8") as f:
             for ex in todo:
-                rec = search_example(model, tokenizer, ex, config, reward)
+                rec = make_record(ex)
                 _append(f, rec)
                 records[ex.id] = rec
                 if bar is not None:
-                    s = summarize(list(records.values()))
-                    bar.set_postfix(default=f"{s['default_accuracy']:.3f}", best=f"{s['best_accuracy']:.3f}",
-                                    saved=f"{s['mean_layers_saved']:.2f}", evals_s=f"{s['evaluations_per_second']:.1f}")
+                    if figures is not None:
+                        bar.set_postfix(figures([records[e.id] for e in examples if e.id in records]))
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return summarize([records[i] for i in ids if i in records])
+    return records
 
 
 def merge_shards(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
                  ids: Sequence[str] | None = None) -> list[dict]:
     """Merge shard files into ``out_path`` (atomically). Records are deduplicated by id (first wins)
-    and ordered as ``ids`` when given (ids missing from every shard are an error), else shard by shard."""
+    and ordered as ``ids`` when given (ids missing from every shard are an error), else shard by shard.
+    The shards must have been made with one search's settings, which ``out_path`` then records."""
+    settings = _common_settings(shard_paths)
     merged: dict[str, dict] = {}
     for p in shard_paths:
         for rec in read_records(p):
@@ -269,8 +318,26 @@ def merge_shards(shard_paths: Sequence[str | os.PathLike], out_path: str | os.Pa
         records = [merged[i] for i in ids]
     else:
         records = list(merged.values())
-    _write_atomic(Path(out_path), records)
+    out = Path(out_path)
+    with exclusive_lock(out):
+        _write_atomic(out, records)
+        if settings is None:
+            settings_path(out).unlink(missing_ok=True)
+        else:
+            write_json(settings_path(out), settings)
     return records
+
+
+def _common_settings(shard_paths: Sequence[str | os.PathLike]) -> dict | None:
+    """The settings all shards were made with (None for shards of an older drllm, which kept none)."""
+    first, *rest = [(p, read_settings(p)) for p in shard_paths]
+    for path, settings in rest:
+        if settings != first[1]:
+            raise ArtifactError(
+                f"{path} was made with other settings than {first[0]} "
+                f"({'; '.join(settings_diff(first[1] or {}, settings or {}))}); merge the shards of one search only"
+            )
+    return first[1]
 
 
 def wait_for_shards(expected: dict[str, Sequence[str]], timeout: float | None = None, poll: float = 5.0) -> None:

@@ -12,7 +12,7 @@ the skip costing its answer. (On SmolLM2-135M the block picked this way did
 not hold up on validation items: ``benchmarks/RESULTS.md``, Demo.)
 
 Records (one JSONL line per item, appended and fsynced, resumed by id like
-the search's): ``id``, ``num_blocks``, ``default_margin``, ``skip_margins``
+the search's, under the same lock and settings check): ``id``, ``num_blocks``, ``default_margin``, ``skip_margins``
 (``[L]``: the margin with block i skipped), ``seconds``. Log-likelihood
 rewards only (margins).
 """
@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..artifacts import claim_output, exclusive_lock
 from ..tasks import Example
 from .evaluator import PathEvaluator
-from .run import SearchConfig, _append, _repair
+from .run import SearchConfig, append_missing, output_settings
 
 __all__ = ["probe_skips", "skip_paths", "skip_loses", "block_gains", "shared_skip"]
 
@@ -37,39 +38,29 @@ def skip_paths(num_blocks: int) -> list[str]:
 
 
 def probe_skips(model: Any, tokenizer: Any, examples: Sequence[Example], out_path: str | os.PathLike, *,
-                config: SearchConfig | None = None, progress: bool = True) -> list[dict]:
+                config: SearchConfig | None = None, progress: bool = True,
+                settings: dict | None = None, overwrite: bool = False) -> list[dict]:
     """Probe every single-block skip on each example into ``out_path`` (skipping ids already there);
-    returns the records of ``examples`` in their order."""
+    returns the records of ``examples`` in their order. ``settings`` and ``overwrite``: as
+    :func:`drllm.search.run_search`."""
     config = config or SearchConfig()
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["id"]: r for r in _repair(out)}
-    todo = [e for e in examples if e.id not in done]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="skip probe", unit="ex",
-                   dynamic_ncols=True)
-    try:
-        with open(out, "a", encoding="utf-8") as f:
-            for ex in todo:
-                start = time.perf_counter()
-                ev = PathEvaluator(model, tokenizer, ex, mode="loglik", prefix=config.prefix,
-                                   max_paths=config.batch, max_rows=config.max_rows, style=config.style,
-                                   normalize=config.normalize)
-                results = ev.evaluate(skip_paths(ev.num_blocks))
-                rec = {"id": ex.id, "num_blocks": ev.num_blocks, "default_margin": ev.default.margin,
-                       "skip_margins": [r.margin for r in results],
-                       "seconds": round(time.perf_counter() - start, 4)}
-                _append(f, rec)
-                done[ex.id] = rec
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    with exclusive_lock(out):
+        claim_output(out, output_settings("skip probe", model, examples, settings, style=config.style,
+                                          normalize=config.normalize), overwrite)
+        done = append_missing(out, examples, lambda ex: _probe(model, tokenizer, ex, config), desc="skip probe",
+                              progress=progress)
     return [done[e.id] for e in examples]
+
+
+def _probe(model: Any, tokenizer: Any, example: Example, config: SearchConfig) -> dict:
+    """One example's probe record: the gold margin by default and with each single block skipped."""
+    start = time.perf_counter()
+    ev = PathEvaluator(model, tokenizer, example, mode="loglik", prefix=config.prefix, max_paths=config.batch,
+                       max_rows=config.max_rows, style=config.style, normalize=config.normalize)
+    results = ev.evaluate(skip_paths(ev.num_blocks))
+    return {"id": example.id, "num_blocks": ev.num_blocks, "default_margin": ev.default.margin,
+            "skip_margins": [r.margin for r in results], "seconds": round(time.perf_counter() - start, 4)}
 
 
 def skip_loses(probe: dict, block: int) -> bool:
