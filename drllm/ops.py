@@ -5,20 +5,21 @@ specification: plain PyTorch. The public functions :func:`pooled_router_logits`,
 :func:`compact_rows`, :func:`gather_rows` and :func:`scatter_rows` dispatch to
 a fast path when one applies and fall back to the reference otherwise:
 
-- pooling + router MLP: the fused Triton kernel (``drllm.kernels``), by default
-  for CUDA tensors only (on the CPU the reference is faster than Triton's
+- pooling + router MLP: the operator ``torch.ops.drllm.pooled_router_logits``
+  (registered here with ``torch.library``, so the dispatcher and
+  torch.compile see one op): the fused Triton kernel (``drllm.kernels``) for
+  CUDA tensors, the reference on the CPU (faster there than Triton's
   interpreter);
 - row compaction, gather, scatter: the C++/CUDA extension ``drllm._C``
   (``torch.ops.drllm.*``), on the CPU and, when built with CUDA, on the GPU.
 
 The reference is used whenever a fast path does not apply: gradients are
-required (the fast paths have no backward), torch.compile is tracing the
-pooling, the device or dtype is not supported, or the fast path is not
-installed. A missing or incompatible extension gives one warning at import
+required (the fast paths have no backward), the device or dtype is not
+supported, or the fast path is not installed. A missing or incompatible extension gives one warning at import
 (none when ``DRLLM_NO_EXT=1`` is also set at run time: then it is not loaded).
 
-``DRLLM_OPS_BACKEND`` (read at import; :func:`set_backend` changes it later)
-selects: ``auto`` (default), ``reference`` (PyTorch everywhere), ``triton``
+``DRLLM_OPS_BACKEND`` (read at import; :func:`set_backend` changes it for the
+calling thread only) selects: ``auto`` (default), ``reference`` (PyTorch everywhere), ``triton``
 (Triton for the pooling wherever it can run, including CPU tensors when
 ``TRITON_INTERPRET=1``; the reference for row ops) or ``ext`` (the extension for
 row ops; the reference for the pooling). :func:`backend` reports the choice.
@@ -26,11 +27,13 @@ row ops; the reference for the pooling). :func:`backend` reports the choice.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import pathlib
 import sys
 import warnings
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +57,14 @@ def _parse_backend(value: str | None) -> str:
     return value
 
 
-_mode = _parse_backend(os.environ.get("DRLLM_OPS_BACKEND"))
+# Context-local (per thread): set_backend in one caller never changes another caller's ops.
+_MODE: ContextVar[str] = ContextVar("drllm_ops_backend", default=_parse_backend(os.environ.get("DRLLM_OPS_BACKEND")))
 
 
 def _load_kernels():
-    """``drllm.kernels``, also from a source checkout that was not pip-installed."""
-    try:
-        from drllm import kernels
-
-        return kernels
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("drllm.kernels",):
-            raise
+    """``drllm.kernels``: installed (wheel or editable install), else from ``kernels/`` beside a source checkout."""
+    if importlib.util.find_spec("drllm.kernels") is not None:
+        return importlib.import_module("drllm.kernels")
     path = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
     if not path.is_file():
         return None
@@ -112,10 +111,10 @@ def _load_ext(stacklevel: int = 3) -> None:
         )
 
 
-if _mode != "reference" and not _env_flag("DRLLM_NO_EXT"):
+if _MODE.get() != "reference" and not _env_flag("DRLLM_NO_EXT"):
     _load_ext()  # at import (unless not wanted: then neither loaded nor warned about)
 
-if _mode == "triton" and not (_kernels is not None and _kernels.HAS_TRITON):
+if _MODE.get() == "triton" and not (_kernels is not None and _kernels.HAS_TRITON):
     warnings.warn(
         "drllm: DRLLM_OPS_BACKEND=triton but triton is not installed; the pooling uses the PyTorch reference",
         RuntimeWarning,
@@ -134,7 +133,7 @@ def window_weights(mask: torch.Tensor, num_windows: int) -> torch.Tensor:
     """
     real = mask.to(torch.bool)
     counts = real.sum(dim=1)  # [B]
-    if bool((counts == 0).any()):
+    if not _compiling() and bool((counts == 0).any()):  # a traced graph cannot branch on data
         raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
     rank = real.long().cumsum(dim=1) - 1  # rank of each real token among the row's real tokens
     W = counts.clamp(max=num_windows)  # [B]
@@ -200,12 +199,12 @@ def pooled_router_logits_loop(hidden, mask, num_windows, w1, b1, w2, b2, *, dtyp
 
 
 def set_backend(name: str | None) -> str:
-    """Select the backend (one of :data:`BACKENDS`; None means ``auto``); returns the previous one."""
-    global _mode
+    """Select the backend (one of :data:`BACKENDS`; None means ``auto``) in this thread; returns the previous one."""
     name = (name or "auto").strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    previous, _mode = _mode, name
+    previous = _MODE.get()
+    _MODE.set(name)
     if name in ("auto", "ext") and not _env_flag("DRLLM_NO_EXT"):
         _load_ext()
     return previous
@@ -222,20 +221,21 @@ def _compiling() -> bool:
         return False
 
 
-def _pooling_choice(device_type: str) -> str:
+def pooling_choice(device_type: str) -> str:
     """Pooling backend for a device type, before looking at the inputs."""
-    if _mode in ("reference", "ext") or _kernels is None or not _kernels.HAS_TRITON:
+    mode = _MODE.get()
+    if mode in ("reference", "ext") or _kernels is None or not _kernels.HAS_TRITON:
         return "reference"
     if device_type == "cuda":
         return "triton"
-    if _mode == "triton" and _kernels.interpreting():
+    if mode == "triton" and _kernels.interpreting():
         return "triton"  # forced: CPU tensors through Triton's interpreter
     return "reference"
 
 
 def _rows_choice(op: str, device_type: str) -> str:
     """Row-op backend for a device type, before looking at the inputs."""
-    if _mode in ("reference", "triton") or _ext is None:
+    if _MODE.get() in ("reference", "triton") or _ext is None:
         return "reference"
     return "ext" if _ext.has_kernel(op, device_type) else "reference"
 
@@ -252,14 +252,44 @@ def backend(device: str | torch.device | None = None) -> dict:
     device_type = torch.device(device).type
     return {
         "device": device_type,
-        "mode": _mode,
-        "pooling": _pooling_choice(device_type),
+        "mode": _MODE.get(),
+        "pooling": pooling_choice(device_type),
         "rows": _rows_choice("gather_rows", device_type),
         "triton": _kernels.TRITON_VERSION if _kernels is not None and _kernels.HAS_TRITON else None,
         "triton_interpret": bool(_kernels is not None and _kernels.interpreting()),
         "ext": "loaded" if _ext is not None else f"unavailable ({_EXT_ERROR})",
         "ext_devices": [d for d in ("cpu", "cuda") if _ext is not None and _ext.has_kernel("gather_rows", d)],
     }
+
+
+def _fused_or_reference(hidden, mask, num_windows, w1, b1, w2, b2):
+    """The fused Triton kernel where this thread's backend picks it for the device and it takes the inputs, else the reference."""
+    if pooling_choice(hidden.device.type) == "triton" and _kernels.supports(hidden, mask, w1, w2):
+        return _kernels.pooled_router_logits_triton(hidden, mask, num_windows, w1, b1, w2, b2)
+    return pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2)
+
+
+# One operator for the dispatcher and the compiler: ``triton_op`` lets torch.compile see the Triton
+# kernels inside (on CUDA) and trace the reference on the CPU; custom_op when triton is absent.
+_define_op = torch.library.triton_op if _kernels is not None and _kernels.HAS_TRITON else torch.library.custom_op
+
+
+@_define_op("drllm::pooled_router_logits", mutates_args=())
+def _pooled_router_logits_op(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    num_windows: int,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    return _fused_or_reference(hidden, mask, num_windows, w1, b1, w2, b2)
+
+
+@_pooled_router_logits_op.register_fake
+def _pooled_router_logits_fake(hidden, mask, num_windows, w1, b1, w2, b2):
+    return hidden.new_empty((hidden.shape[0], w2.shape[0]), dtype=torch.float32)
 
 
 def pooled_router_logits(
@@ -276,25 +306,23 @@ def pooled_router_logits(
     """Router logits ``[B, 3]`` (float32) for one block and the whole batch.
 
     ``hidden`` is ``[B, T, H]`` (fp32/bf16/fp16), ``mask`` ``[B, T]`` marks the
-    tokens to pool over (the prompt's real tokens, contiguous per row).
-    The logits of the windows' means are averaged over the row's windows.
+    tokens to pool over (any subset of the row: padding on either side, or
+    gaps, as with a ``routing_mask``). The logits of the windows' means are
+    averaged over the row's windows. Runs ``torch.ops.drllm.pooled_router_logits``
+    (the fused kernel on CUDA, the reference on the CPU), or the reference
+    itself when gradients are needed.
 
-    ``validate`` (fast path only): raise ``ValueError`` on a row without real
-    tokens, as the reference does. On CUDA this check synchronises; with
-    ``validate=False`` such a row gets NaN logits instead.
+    ``validate``: raise ``ValueError`` on a row without real tokens, as the
+    reference does. On CUDA this check synchronises; with ``validate=False``
+    such a row gets NaN logits instead (on the fused path).
     """
-    if (
-        _pooling_choice(hidden.device.type) == "triton"
-        and not _compiling()
-        and not _grad_needed(hidden, w1, b1, w2, b2)
-        and _kernels.supports(hidden, mask, w1, w2)
-    ):
-        if num_windows < 1:
-            raise ValueError(f"num_windows must be >= 1, got {num_windows}")
-        if validate and hidden.shape[0] > 0 and not bool((mask != 0).any(dim=1).all()):
-            raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
-        return _kernels.pooled_router_logits_triton(hidden, mask, num_windows, w1, b1, w2, b2)
-    return pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2)
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    if _grad_needed(hidden, w1, b1, w2, b2):
+        return pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2)
+    if validate and not _compiling() and hidden.shape[0] > 0 and not bool((mask != 0).any(dim=1).all()):
+        raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
+    return torch.ops.drllm.pooled_router_logits(hidden, mask, num_windows, w1, b1, w2, b2)
 
 
 def compact_rows_reference(decisions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,14 +14,12 @@ def _pool_linear1(
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
 
-    # The row's real tokens: count and first index (the run is contiguous).
+    # The row's real tokens (any subset of its positions): their count.
     count = tl.sum(tl.zeros((BLOCK_T,), tl.int32), axis=0)
-    first = count + T
     for t0 in range(0, T, BLOCK_T):
         offs = t0 + tl.arange(0, BLOCK_T)
         m = tl.load(m_ptr + b * s_mb + offs * s_mt, mask=offs < T, other=0) != 0
         count += tl.sum(m.to(tl.int32), axis=0)
-        first = tl.minimum(first, tl.min(tl.where(m, offs, T), axis=0))
 
     # tensor_split: W windows, the first r of size q + 1, the others of size q.
     W = tl.minimum(count, NWIN)
@@ -35,16 +33,20 @@ def _pool_linear1(
     h_ok = h_offs < H
     wins = tl.arange(0, NWP)
     sums = tl.zeros((NWP, BLOCK_H), tl.float32)
-    row = h_ptr + b * s_hb + first.to(tl.int64) * s_ht
-    for t0 in range(0, count, BLOCK_T):
-        rank = t0 + tl.arange(0, BLOCK_T)
-        t_ok = rank < count
+    row = h_ptr + b * s_hb
+    seen = count * 0  # real tokens before this tile
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        t_ok = (tl.load(m_ptr + b * s_mb + offs * s_mt, mask=offs < T, other=0) != 0) & (offs < T)
+        real = t_ok.to(tl.int32)
+        rank = seen + tl.cumsum(real, axis=0) - real  # each real token's rank among the row's real tokens
+        seen += tl.sum(real, axis=0)
         win = tl.where(rank < big, rank // (q + 1), r + (rank - big) // qd)
         x = tl.load(
-            row + rank[:, None].to(tl.int64) * s_ht + h_offs[None, :] * s_hh,
+            row + offs[:, None].to(tl.int64) * s_ht + h_offs[None, :] * s_hh,
             mask=t_ok[:, None] & h_ok[None, :],
             other=0.0,
-        )
+        )  # padding is never read
         onehot = (win[None, :] == wins[:, None]) & t_ok[None, :]
         if DOT_F32:  # fp32 input (exact fp32 products, no TF32), or the interpreter's bf16
             sums = tl.dot(onehot.to(tl.float32), x.to(tl.float32), acc=sums, input_precision="ieee")

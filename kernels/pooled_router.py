@@ -1,16 +1,16 @@
 """Fused windowed mean pooling + router MLP (one block, whole batch).
 
-For each row b of ``hidden[B, T, H]`` the real tokens (``mask != 0``, one
-contiguous run, left or right padded) are split into ``W = min(nw, T_real)``
+For each row b of ``hidden[B, T, H]`` the real tokens (``mask != 0``: left or
+right padding, or any gaps, taken in order by their rank) are split into ``W = min(nw, T_real)``
 windows with ``torch.tensor_split`` semantics; each window's mean goes through
 ``Linear(H, D) -> GELU(tanh) -> Linear(D, K)`` (D = 128, K = 3) and the W
 logit vectors are averaged. See :func:`drllm.ops.pooled_router_logits_reference`.
 
 Two launches, one pass over the hidden states:
 
-1. ``_pool_linear1`` on a grid ``(B, cdiv(H, BLOCK_H))``. Each program finds its
-   row's real-token run from the mask, then streams that row's tokens for one
-   slice of H: a one-hot window matrix ``[NW, BLOCK_T]`` times the token tile
+1. ``_pool_linear1`` on a grid ``(B, cdiv(H, BLOCK_H))``. Each program counts its
+   row's real tokens from the mask, then streams that row's tiles for one
+   slice of H, ranking the real tokens of each tile with a prefix sum: a one-hot window matrix ``[NW, BLOCK_T]`` times the token tile
    ``[BLOCK_T, BLOCK_H]`` (``tl.dot``, fp32 accumulation; 0/1 weights are exact
    in bf16/fp16) adds the tile into the window sums. The slice of the window
    means then meets the matching slice of W1: ``[NW, BLOCK_H] @ [BLOCK_H, D]``
@@ -127,6 +127,8 @@ def pooled_router_logits_triton(
     # triton 3.8's interpreter multiplies the raw bits of bf16 operands in tl.dot: upcast there.
     dot_f32 = hidden.dtype == torch.float32 or (interpret and hidden.dtype == torch.bfloat16)
     k1, k2 = _triton_module()._kernels(interpret)
+    if not interpret:  # launched through the op's wrapper, so torch.compile can trace them
+        k1, k2 = torch.library.wrap_triton(k1), torch.library.wrap_triton(k2)
     k1[(B, S)](
         hidden, mask, w1, part,
         T, H, D, num_windows, S,

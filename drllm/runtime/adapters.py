@@ -54,5 +54,30 @@ def describe(model: nn.Module) -> ModelInfo:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     base = decoder(model)
-    param = next(model.parameters())
-    return ModelInfo(model_type, config.hidden_size, len(base.layers), param.device, base)
+    return ModelInfo(model_type, config.hidden_size, len(base.layers), execution_device(model), base)
+
+
+def dispatched_device(module: nn.Module) -> torch.device | None:
+    """The device accelerate runs ``module`` on (``dispatch_model`` / ``device_map``), or None without a hook."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    hooks += list(getattr(hooks[0], "hooks", ()))  # a SequentialHook holds several
+    for hook in hooks:
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return None
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: its accelerate execution device, else its first parameter not offloaded to meta."""
+    device = dispatched_device(model)
+    if device is not None:
+        return device
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    for module in model.modules():
+        device = dispatched_device(module)
+        if device is not None:
+            return device
+    return torch.device("cpu")

@@ -28,7 +28,10 @@ every block that runs the same rows.
 
 from __future__ import annotations
 
+import math
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +39,7 @@ import torch
 
 from .. import ops
 from .adapters import cache_kwarg
-from .cache import RoutedCache, SlotView
+from .cache import RoutedCache
 
 NONE, ALL, SOME, SELECT = 0, 1, 2, 3
 # Keyword arguments of a decoder layer that carry one entry per batch row.
@@ -50,51 +53,59 @@ ROW_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
 # crossover is not measured yet, so ``auto`` gathers there too until it is;
 # ``set_row_policy("select")`` or DRLLM_ROW_POLICY=select opts in.
 POLICIES = ("auto", "gather", "select")
-_DEFAULT_SELECT_FROM = {"cpu": 2.0, "cuda": 2.0}
-_policy = os.environ.get("DRLLM_ROW_POLICY", "auto").strip().lower() or "auto"
-if _policy not in POLICIES:
-    _policy = "auto"
 
 
-def set_row_policy(policy: str | None = "auto", select_from: float | None = None) -> tuple[str, dict]:
-    """Choose how passes that only some rows take are run; returns the previous setting.
+@dataclass(frozen=True)
+class RowPolicy:
+    """How passes that only some rows take are run (see the module docstring)."""
+
+    policy: str = "auto"
+    select_from: tuple = (("cpu", 2.0), ("cuda", 2.0))  # (device type, threshold) pairs
+
+    def selects(self, active: int, batch: int, device: torch.device) -> bool:
+        if self.policy != "auto":
+            return self.policy == "select"
+        thresholds = dict(self.select_from)
+        return active / batch >= thresholds.get(device.type, thresholds["cuda"])
+
+
+def _env_policy() -> RowPolicy:
+    policy = os.environ.get("DRLLM_ROW_POLICY", "auto").strip().lower() or "auto"
+    return RowPolicy(policy if policy in POLICIES else "auto")
+
+
+# Context-local (per thread, per asyncio task): a caller's choice never changes another caller's forward.
+_POLICY: ContextVar[RowPolicy] = ContextVar("drllm_row_policy", default=_env_policy())
+
+
+def set_row_policy(policy: str | None = "auto", select_from: float | None = None) -> RowPolicy:
+    """Choose how passes that only some rows take are run, in this thread (context); returns the previous setting.
 
     ``policy``: ``auto`` (select when the active fraction reaches the device's
     threshold), ``gather`` (always gather/scatter) or ``select`` (always run
     all rows and select). ``select_from`` overrides the ``auto`` threshold for
     every device type. Affects plans made afterwards (new sequences).
     """
-    global _policy
-    previous = (_policy, dict(_DEFAULT_SELECT_FROM))
+    previous = _POLICY.get()
     policy = (policy or "auto").lower()
     if policy not in POLICIES:
         raise ValueError(f"unknown row policy {policy!r}; expected one of {POLICIES}")
-    _policy = policy
+    thresholds = previous.select_from
     if select_from is not None:
-        for key in _DEFAULT_SELECT_FROM:
-            _DEFAULT_SELECT_FROM[key] = float(select_from)
+        thresholds = tuple((device, float(select_from)) for device, _ in thresholds)
+    _POLICY.set(RowPolicy(policy, thresholds))
     return previous
 
 
-def restore_row_policy(previous: tuple[str, dict]) -> None:
+def restore_row_policy(previous: RowPolicy) -> None:
     """Undo :func:`set_row_policy` with the value it returned."""
-    global _policy
-    _policy = previous[0]
-    _DEFAULT_SELECT_FROM.clear()
-    _DEFAULT_SELECT_FROM.update(previous[1])
+    _POLICY.set(previous)
 
 
 def row_policy() -> dict:
-    """The current policy and per-device thresholds."""
-    return {"policy": _policy, "select_from": dict(_DEFAULT_SELECT_FROM)}
-
-
-def _selects(active: int, batch: int, device: torch.device) -> bool:
-    if _policy == "gather":
-        return False
-    if _policy == "select":
-        return True
-    return active / batch >= _DEFAULT_SELECT_FROM.get(device.type, _DEFAULT_SELECT_FROM["cuda"])
+    """The current policy and per-device thresholds (of this thread/context)."""
+    current = _POLICY.get()
+    return {"policy": current.policy, "select_from": dict(current.select_from)}
 
 
 @dataclass(frozen=True)
@@ -111,16 +122,16 @@ class PassPlan:
     mask: torch.Tensor | None = None
 
 
-_PLAN_MEMO: dict = {}  # (device, decisions) -> plans; sharing index tensors lets blocks share row subsets
-_PLAN_MEMO_SIZE = 512
+def plan_block(decisions: torch.Tensor, device, policy: RowPolicy, memo: dict) -> tuple[PassPlan, PassPlan]:
+    """The (pass one, pass two) plans of one block from its ``[B]`` decisions (CPU).
 
-
-def plan_block(decisions: torch.Tensor, device: torch.device) -> tuple[PassPlan, PassPlan]:
-    """The (pass one, pass two) plans of one block from its ``[B]`` decisions (CPU)."""
+    ``memo`` belongs to one call: blocks with the same decisions share one plan,
+    hence one row index, hence one set of row-restricted arguments.
+    """
     device = torch.device(device)
     values = tuple(decisions.tolist())
-    key = (str(device), _policy, tuple(sorted(_DEFAULT_SELECT_FROM.items())), values)
-    plan = _PLAN_MEMO.get(key)
+    key = (str(device), values)
+    plan = memo.get(key)
     if plan is not None:
         return plan
     batch = len(values)
@@ -134,44 +145,74 @@ def plan_block(decisions: torch.Tensor, device: torch.device) -> tuple[PassPlan,
             plans.append(PassPlan(NONE))
         elif n == batch:
             plans.append(PassPlan(ALL))
-        elif _selects(n, batch, device):
+        elif policy.selects(n, batch, device):
             active = decisions >= 2 if second else decisions >= 1
             plans.append(PassPlan(SELECT, idx, active.to(device).view(batch, 1, 1)))
         else:
             plans.append(PassPlan(SOME, idx))
-    plan = tuple(plans)
-    if len(_PLAN_MEMO) >= _PLAN_MEMO_SIZE:
-        _PLAN_MEMO.clear()
-    _PLAN_MEMO[key] = plan
+    memo[key] = plan = tuple(plans)
     return plan
 
 
-def choose(logits: torch.Tensor, lam: float) -> torch.Tensor:
-    """Decisions from router logits, shifted by the control knob ``lam`` in [-1, 1].
+# -- the control knob --------------------------------------------------------------
+LAM_RULES = ("shift", "mix")
+# Nats added per step of depth (skip < execute < repeat) at lam = +-0.5; the
+# shift is LAM_SCALE * tan(pi * lam / 2), so it grows without bound towards +-1.
+LAM_SCALE = 2.0
 
-    ``lam < 0`` mixes the router's probabilities with a one-hot on skip,
-    ``lam > 0`` with a one-hot on repeat (Dr.LLM, Appendix C).
+
+def choose(logits: torch.Tensor, lam: float, rule: str = "shift") -> torch.Tensor:
+    """Decisions from router logits, moved by the control knob ``lam`` in [-1, 1].
+
+    ``shift`` (default): the log-probabilities of skip, execute and repeat get
+    ``-s, 0, +s`` with ``s = LAM_SCALE * tan(pi * lam / 2)``. The argmax of
+    ``a_k + s * k`` can only move towards deeper decisions as ``s`` grows, so
+    every row's decision is monotone in ``lam``; 0 is the router's argmax,
+    -1 skips and +1 repeats every block, and decisions change smoothly in
+    between. ``mix`` is the paper's rule (Dr.LLM, Appendix C): the
+    probabilities mixed with a one-hot on skip or repeat, which already
+    decides every row at ``|lam| >= 0.5``.
     """
+    if rule not in LAM_RULES:
+        raise ValueError(f"unknown lam rule {rule!r}; expected one of {LAM_RULES}")
     if lam == 0:
         return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)
-    target = torch.zeros_like(probs)
-    target[:, 0 if lam < 0 else 2] = 1.0
-    return ((1 - abs(lam)) * probs + abs(lam) * target).argmax(dim=-1)
+    if abs(lam) >= 1:
+        return torch.full(logits.shape[:-1], 0 if lam < 0 else 2, dtype=torch.int64, device=logits.device)
+    if rule == "mix":
+        probs = logits.softmax(dim=-1)
+        target = torch.zeros_like(probs)
+        target[:, 0 if lam < 0 else 2] = 1.0
+        return ((1 - abs(lam)) * probs + abs(lam) * target).argmax(dim=-1)
+    depth = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    shift = LAM_SCALE * math.tan(math.pi * lam / 2)
+    return (logits.float().log_softmax(dim=-1) + shift * depth).argmax(dim=-1)
 
 
 @dataclass
 class Call:
-    """State of one forward call of the patched model."""
+    """Everything one forward call of a patched model computes with, owned by that call.
 
+    It is made by the patched model forward, reached by the patched blocks
+    through a context variable (:func:`running`), and dropped when the forward
+    returns; what outlives the call (decisions, plans) is frozen on the routed
+    cache. Concurrent calls (threads) and nested calls (an observer calling the
+    model) therefore never see each other's state.
+    """
+
+    owner: object  # the RoutingState of the patched model this call runs
     decisions: torch.Tensor  # [B, L] int64, CPU; filled block by block when routing
     plan: list  # per block: (PassPlan, PassPlan), or None until routed
     cache: RoutedCache | None = None
     routers: object = None
     lam: float = 0.0
+    lam_rule: str = "shift"
     pool_mask: torch.Tensor | None = None
     observer: Callable | None = None
     inject: dict = field(default_factory=dict)  # block -> (row index, states entering that block)
+    devices: tuple = ()  # per block: the device its inputs must be on (accelerate-dispatched blocks), or None
+    policy: RowPolicy = field(default_factory=_POLICY.get)
+    memo: dict = field(default_factory=dict)  # plans by (device, decisions), shared by the blocks of this call
     batch: int = field(init=False)
     subsets: dict = field(init=False)  # id(row index) -> per-row kwargs restricted to those rows, this call
     pooling: "Pooling | None" = field(init=False)
@@ -181,20 +222,27 @@ class Call:
         self.subsets = {}
         self.pooling = None
 
+    def plan_rows(self, decisions: torch.Tensor, device) -> tuple[PassPlan, PassPlan]:
+        """Plan one block from its ``[B]`` decisions, with this call's row policy and memo."""
+        return plan_block(decisions, device, self.policy, self.memo)
+
     def enter(self, block: int, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[PassPlan, PassPlan]]:
         """The hidden state entering ``block`` (after injected prefixes) and the block's plan."""
+        device = self.devices[block] if self.devices else None
+        if device is not None and hidden.device != device:
+            hidden = hidden.to(device)  # rows are gathered and scattered where the block runs
         if block in self.inject:
             index, states = self.inject[block]
-            hidden = states.to(hidden.dtype) if index is None else ops.scatter_rows(hidden, index, states)
+            states = states.to(hidden.device, hidden.dtype)
+            hidden = states if index is None else ops.scatter_rows(hidden, index.to(hidden.device), states)
         if self.observer is not None:
             self.observer(block, hidden)
         if self.plan[block] is None:
             if self.pooling is None:
                 self.pooling = Pooling(self.routers, self.pool_mask)
             logits = self.pooling.logits(block, hidden)
-            decided = choose(logits, self.lam)
-            self.decisions[:, block] = decided.cpu()
-            self.plan[block] = plan_block(self.decisions[:, block], hidden.device)
+            self.decisions[:, block] = choose(logits, self.lam, self.lam_rule).cpu()
+            self.plan[block] = self.plan_rows(self.decisions[:, block], hidden.device)
         return hidden, self.plan[block]
 
     def subset(self, kwargs: dict, index: torch.Tensor) -> dict:
@@ -216,16 +264,36 @@ class Call:
         return out
 
 
+_CURRENT: ContextVar[Call | None] = ContextVar("drllm_call", default=None)
+
+
+@contextmanager
+def running(call: Call):
+    """Make ``call`` the one the patched blocks of its model see, for this thread (context)."""
+    token = _CURRENT.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_call(owner) -> Call | None:
+    """The call of ``owner``'s model running in this context, if any."""
+    call = _CURRENT.get()
+    return call if call is not None and call.owner is owner else None
+
+
 class Pooling:
     """Router logits of every block for one prompt batch, the pooling weights computed once.
 
     The windowed-mean weights depend only on the prompt's mask, so the
     reference computation (:func:`drllm.ops.pooled_router_logits_reference`)
-    is split: the ``[B, W, T]`` weights once per forward call, then per block
-    :func:`drllm.ops.weighted_router_logits` -- the reference's own code,
-    hence the same logits. Where the ops dispatch to a fused kernel
+    is split: the ``[B, W, T]`` weights once per forward call (and device),
+    then per block :func:`drllm.ops.weighted_router_logits` -- the reference's
+    own code, hence the same logits. Where the ops dispatch to a fused kernel
     (Triton on CUDA), or for routers other than :class:`drllm.Routers`, each
-    block calls ``routers.logits`` as before.
+    block calls ``routers.logits``. Each block's router may live on its own
+    device (accelerate-dispatched models): its inputs are moved there.
     """
 
     def __init__(self, routers, mask: torch.Tensor):
@@ -233,15 +301,19 @@ class Pooling:
 
         self.routers, self.mask = routers, mask
         self.hoist = type(routers).logits is Routers.logits
-        self.weights = None
+        self.weights = {}  # device -> pooling weights
 
     def logits(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
-        if not self.hoist or ops._pooling_choice(hidden.device.type) != "reference":
-            return self.routers.logits(block, hidden, self.mask)
-        if self.weights is None:
-            self.weights = ops.window_weights(self.mask, self.routers.num_windows)
+        device = self.routers.mlps[block].fc1.weight.device if self.hoist else hidden.device
+        hidden = hidden.to(device)
+        if not self.hoist or ops.pooling_choice(device.type) != "reference":
+            return self.routers.logits(block, hidden, self.mask.to(device))
+        if device not in self.weights:
+            self.weights[device] = ops.window_weights(self.mask.to(device), self.routers.num_windows)
         mlp = self.routers.mlps[block]
-        return ops.weighted_router_logits(self.weights, hidden, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return ops.weighted_router_logits(
+            self.weights[device], hidden, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
+        )
 
 
 def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
@@ -262,13 +334,13 @@ def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
     return out
 
 
-def routed_block(layer_forward: Callable, block: int, state) -> Callable:
-    """Wrap a decoder layer's ``forward`` so it follows each row's decisions."""
+def routed_block(layer_forward: Callable, block: int, owner) -> Callable:
+    """Wrap a decoder layer's ``forward`` so it follows each row's decisions in the current call of ``owner``."""
     name = cache_kwarg(layer_forward)
 
     def forward(hidden_states, *args, **kwargs):
-        call = state.call
-        if call is None:  # called outside a patched model forward
+        call = current_call(owner)
+        if call is None:  # called outside a forward of the patched model
             return layer_forward(hidden_states, *args, **kwargs)
         hidden_states, (first, second) = call.enter(block, hidden_states)
         cache = call.cache

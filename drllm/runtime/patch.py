@@ -3,34 +3,55 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ..paths import as_paths, default_path
 from ..routers import Routers
-from .adapters import cache_kwarg, describe
+from .adapters import cache_kwarg, describe, dispatched_device
 from .cache import RoutedCache
-from .executor import ALL, Call, PassPlan, plan_block, routed_block
+from .executor import ALL, LAM_RULES, Call, PassPlan, running, routed_block
 
 STATE_ATTR = "_drllm_state"
+_ABSENT = object()  # marks an attribute the instance did not have before the patch
+_PATCH_LOCK = threading.Lock()  # temporary patches made by forced_paths/observe from several threads
 
 
 @dataclass
 class RoutingState:
-    """Everything the patch adds to a model instance, kept in one place."""
+    """What the patch adds to a model instance: its configuration, not any call's state."""
 
     num_blocks: int
     routers: Routers | None = None
     lam: float = 0.0
+    lam_rule: str = "shift"
+    devices: tuple = ()  # per block: its accelerate execution device, or None
+    saved: list = field(default_factory=list)  # (module, attribute, instance value before the patch or _ABSENT)
+    local: threading.local = field(default_factory=threading.local)  # .last: decisions of this thread's last call
+    borrowers: int = 0  # forced_paths/observe blocks using a temporary patch (0: patched by the user)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-caller settings of :func:`forced_paths` and :func:`observe`, held in a context variable."""
+
     forced: torch.Tensor | None = None
     prefix: tuple | None = None  # (states entering each block on the default path, source row per row)
     observer: object = None
-    call: Call | None = None
-    last: torch.Tensor | None = None
-    wrapped: list = field(default_factory=list)  # modules whose forward was replaced
+
+
+# id(state) -> (state, Settings): each thread (context) sees only the settings of its own `with` blocks.
+_SETTINGS: ContextVar[dict] = ContextVar("drllm_settings", default={})
+
+
+def _settings(state: RoutingState) -> Settings:
+    entry = _SETTINGS.get().get(id(state))
+    return entry[1] if entry is not None and entry[0] is state else Settings()
 
 
 def _state(model: nn.Module) -> RoutingState | None:
@@ -48,76 +69,109 @@ def _require_state(model: nn.Module) -> RoutingState:
     return state
 
 
-def _check_lam(lam: float) -> float:
+def _check_lam(lam: float, rule: str) -> tuple[float, str]:
     lam = float(lam)
     if not -1.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [-1, 1] (negative favours skipping, positive repeating), got {lam}")
-    return lam
+    if rule not in LAM_RULES:
+        raise ValueError(f"unknown lam rule {rule!r}; expected one of {LAM_RULES}")
+    return lam, rule
 
 
-def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0) -> nn.Module:
+def _replace(state: RoutingState, module: nn.Module, name: str, value) -> None:
+    """Set an instance attribute, remembering exactly what was there (accelerate hooks live there too)."""
+    state.saved.append((module, name, module.__dict__.get(name, _ABSENT)))
+    setattr(module, name, value)
+
+
+def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, lam_rule: str = "shift") -> nn.Module:
     """Route ``model`` (a loaded HF decoder model) in place and return it.
 
     Each row's path is decided once, on the prompt, by ``routers`` (or set by
     :func:`forced_paths`); without routers every block executes once.
+    ``lam`` in [-1, 1] moves decisions towards skip or repeat (see
+    :func:`drllm.runtime.executor.choose` for ``lam_rule``). Works on models
+    dispatched with accelerate: each router runs on its block's device.
     :func:`unpatch` restores the instance exactly.
     """
     info = describe(model)
     base = info.base
     if getattr(base, STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched: call drllm.unpatch(model) before patching it again")
+    lam, lam_rule = _check_lam(lam, lam_rule)
+    devices = tuple(dispatched_device(layer) for layer in base.layers)
     if routers is not None:
         routers.check_compatible(info.model_type, info.hidden_size, info.num_blocks)
-        routers.to(info.device)
-    state = RoutingState(info.num_blocks, routers, _check_lam(lam))
+        for mlp, device in zip(routers.mlps, devices):
+            mlp.to(device or info.device)
+    state = RoutingState(info.num_blocks, routers, lam, lam_rule, devices if any(devices) else ())
     for i, layer in enumerate(base.layers):
-        layer.forward = routed_block(layer.forward, i, state)
-    base.forward = _routed_model_forward(base, base.forward, state)
-    state.wrapped = [base, *base.layers]
+        _replace(state, layer, "forward", routed_block(layer.forward, i, state))
+    _replace(state, base, "forward", _routed_model_forward(base, base.forward, state))
+    if model is not base and hasattr(model, "prepare_inputs_for_generation"):
+        _replace(state, model, "prepare_inputs_for_generation", _with_routing_mask(model.prepare_inputs_for_generation))
+        _replace(state, model, "generate", _refusing_chunked_prefill(model, model.generate))
     setattr(base, STATE_ATTR, state)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: the instance behaves and serialises as before."""
+    """Undo :func:`patch`: every attribute the patch set is restored to what the instance had."""
     base = describe(model).base
     state = _require_state(model)
-    for module in state.wrapped:
-        del module.forward  # drops the instance attribute, exposing the class method again
+    for module, name, before in reversed(state.saved):
+        if before is _ABSENT:
+            delattr(module, name)  # exposes the class's method again
+        else:
+            setattr(module, name, before)  # e.g. an accelerate hook's forward
     delattr(base, STATE_ATTR)
     return model
 
 
-def set_lam(model: nn.Module, lam: float) -> None:
-    """Change the control knob of a patched model."""
-    _require_state(model).lam = _check_lam(lam)
+def set_lam(model: nn.Module, lam: float, rule: str | None = None) -> None:
+    """Change the control knob of a patched model (and, optionally, its rule: ``shift`` or ``mix``)."""
+    state = _require_state(model)
+    state.lam, state.lam_rule = _check_lam(lam, rule or state.lam_rule)
 
 
 def last_paths(model: nn.Module) -> torch.Tensor:
-    """The ``[B, L]`` decisions used by the last forward call (or generation) of ``model``."""
-    state = _require_state(model)
-    if state.last is None:
-        raise RuntimeError("no routed forward call has run on this model yet")
-    return state.last.clone()
+    """The ``[B, L]`` decisions used by this thread's last forward call (or generation) of ``model``."""
+    last = getattr(_require_state(model).local, "last", None)
+    if last is None:
+        raise RuntimeError("no routed forward call has run on this model in this thread yet")
+    return last.clone()
+
+
+@contextmanager
+def _borrowed(model: nn.Module):
+    """The model's routing state, patching it for the duration of the block if it is not patched."""
+    with _PATCH_LOCK:
+        state = _state(model)
+        borrowing = state is None or state.borrowers > 0
+        if state is None:
+            patch(model)
+            state = _state(model)
+        state.borrowers += borrowing
+    try:
+        yield state
+    finally:
+        if borrowing:
+            with _PATCH_LOCK:
+                state.borrowers -= 1
+                if state.borrowers == 0:
+                    unpatch(model)
 
 
 @contextmanager
 def _patched(model: nn.Module, **settings):
-    """Patch ``model`` if needed and set ``settings`` on its state for the duration of the block."""
-    temporary = not is_patched(model)
-    if temporary:
-        patch(model)
-    state = _state(model)
-    previous = {name: getattr(state, name) for name in settings}
-    for name, value in settings.items():
-        setattr(state, name, value)
-    try:
-        yield model
-    finally:
-        for name, value in previous.items():
-            setattr(state, name, value)
-        if temporary:
-            unpatch(model)
+    """Apply ``settings`` to this caller's forward calls of ``model`` for the duration of the block."""
+    with _borrowed(model) as state:
+        current = _SETTINGS.get()
+        token = _SETTINGS.set({**current, id(state): (state, replace(_settings(state), **settings))})
+        try:
+            yield model
+        finally:
+            _SETTINGS.reset(token)
 
 
 def forced_paths(model: nn.Module, paths, prefix=None):
@@ -153,25 +207,30 @@ def block_states(model: nn.Module, **inputs) -> list[torch.Tensor]:
     return states
 
 
-def _prefill_call(state: RoutingState, batch: int, pool_mask: torch.Tensor, device) -> Call:
+def _prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask, device) -> Call:
+    """The call of a forward that starts a sequence: forced paths, all-execute, or routed block by block."""
     L = state.num_blocks
-    if state.forced is not None:
-        decisions = as_paths(state.forced, L, batch)
+    common = dict(owner=state, observer=settings.observer, devices=state.devices)
+    if settings.forced is not None:
+        decisions = as_paths(settings.forced, L, batch)
         executed, inject = decisions, {}
-        if state.prefix is not None:
-            executed, inject = _prefix_plan(decisions, *state.prefix, device)
-        plan = [plan_block(executed[:, i], device) for i in range(L)]
-        return Call(decisions, plan, observer=state.observer, inject=inject)
+        if settings.prefix is not None:
+            executed, inject = _prefix_plan(decisions, *settings.prefix, device)
+        call = Call(decisions=decisions, plan=[], inject=inject, **common)
+        devices = state.devices or (None,) * L
+        call.plan = [call.plan_rows(executed[:, i], devices[i] or device) for i in range(L)]
+        return call
     if state.routers is None:
         every = (PassPlan(ALL), PassPlan(0))
-        return Call(torch.ones(batch, L, dtype=torch.int64), [every] * L, observer=state.observer)
+        return Call(decisions=torch.ones(batch, L, dtype=torch.int64), plan=[every] * L, **common)
     return Call(
-        torch.zeros(batch, L, dtype=torch.int64),
-        [None] * L,
+        decisions=torch.zeros(batch, L, dtype=torch.int64),
+        plan=[None] * L,
         routers=state.routers,
         lam=state.lam,
-        pool_mask=pool_mask,
-        observer=state.observer,
+        lam_rule=state.lam_rule,
+        pool_mask=pool_mask(),
+        **common,
     )
 
 
@@ -213,11 +272,13 @@ def _routed_model_forward(base: nn.Module, original, state: RoutingState):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = base.config.use_cache
+        settings = _settings(state)
         cache = kwargs.get(name)
         if isinstance(cache, RoutedCache) and cache.decisions is not None:
             if cache.decisions.shape[0] != batch:
                 raise ValueError(f"the cache holds {cache.decisions.shape[0]} rows but the input has {batch}")
-            call = Call(cache.decisions, cache.plan, observer=state.observer)
+            call = Call(owner=state, decisions=cache.decisions, plan=cache.plan, observer=settings.observer,
+                        devices=state.devices)
         else:
             if cache is not None and not isinstance(cache, RoutedCache):
                 if cache.get_seq_length() > 0:
@@ -227,30 +288,40 @@ def _routed_model_forward(base: nn.Module, original, state: RoutingState):
                 cache = RoutedCache.like(cache, base.config, state.num_blocks)
             elif cache is None and use_cache:
                 cache = RoutedCache.like(None, base.config, state.num_blocks)
-            if state.prefix is not None and cache is not None:
+            if settings.prefix is not None and cache is not None:
                 raise ValueError("prefix reuse is for cache-free forwards: pass use_cache=False")
-            call = _prefill_call(state, batch, _pool_mask(kwargs.get("attention_mask"), routing_mask, batch, length, tokens.device), tokens.device)
+            mask = kwargs.get("attention_mask")
+            call = _prefill_call(
+                state, settings, batch, lambda: _pool_mask(mask, routing_mask, batch, length, tokens.device), tokens.device
+            )
         call.cache = cache
         if cache is not None:
             kwargs[name] = cache
-        state.call = call
-        try:
+        with running(call):
             out = original(**kwargs)
-        finally:
-            state.call = None
         if cache is not None:
             cache.decisions, cache.plan = call.decisions, call.plan
             cache.seen_tokens += length
-        state.last = call.decisions
+        state.local.last = call.decisions
         return out
 
     return forward
 
 
 def _pool_mask(attention_mask, routing_mask, batch: int, length: int, device) -> torch.Tensor:
-    """The tokens routers pool over: ``routing_mask``, else the padding mask, else all."""
+    """The tokens routers pool over: ``routing_mask``, else the 2D padding mask, else all (no mask at all).
+
+    A 4D (or per-layer-type dict) mask is never read as "all tokens": it is
+    refused, since padding cannot be told from it reliably; ``generate``
+    passes the 2D mask as ``routing_mask`` itself (see :func:`_with_routing_mask`).
+    """
     mask = routing_mask
-    if mask is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+    if mask is None and attention_mask is not None:
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            raise ValueError(
+                "the routers need the prompt's 2D padding mask [batch, tokens], but the attention mask is "
+                f"{_describe_mask(attention_mask)}: pass routing_mask=<the 2D mask> with it"
+            )
         mask = attention_mask
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -259,3 +330,49 @@ def _pool_mask(attention_mask, routing_mask, batch: int, length: int, device) ->
     if not bool(mask.to(torch.bool).any(dim=1).all()):
         raise ValueError("empty prompt: a row of the batch has no real tokens (its attention mask is all zero)")
     return mask
+
+
+def _describe_mask(mask) -> str:
+    if isinstance(mask, torch.Tensor):
+        return f"{mask.dim()}D {tuple(mask.shape)}"
+    return type(mask).__name__
+
+
+def _with_routing_mask(prepare):
+    """``prepare_inputs_for_generation`` that also passes the 2D padding mask of the new tokens as ``routing_mask``.
+
+    transformers turns the 2D mask into a 4D one before the forward for
+    compileable (static) caches; the routers still need to know the padding.
+    """
+    signature = inspect.signature(prepare)
+
+    def prepare_inputs_for_generation(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        if mask is None:
+            mask = kwargs.get("attention_mask")
+        tokens = inputs.get("input_ids")
+        if tokens is None:
+            tokens = inputs.get("inputs_embeds")
+        if inputs.get("routing_mask") is None and isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
+            inputs["routing_mask"] = mask[:, mask.shape[1] - tokens.shape[1]:]
+        return inputs
+
+    return prepare_inputs_for_generation
+
+
+def _refusing_chunked_prefill(model: nn.Module, generate):
+    """``generate`` that refuses chunked prefill: routing decides once on the whole prompt, not on its first chunk."""
+    signature = inspect.signature(generate)
+
+    def routed_generate(*args, **kwargs):
+        config = signature.bind_partial(*args, **kwargs).arguments.get("generation_config") or model.generation_config
+        size = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+        if size is not None:
+            raise ValueError(
+                f"prefill_chunk_size={size}: a routed model decides each row's path once on the whole prompt, "
+                "so it cannot prefill in chunks; call generate without prefill_chunk_size"
+            )
+        return generate(*args, **kwargs)
+
+    return routed_generate
