@@ -325,8 +325,9 @@ def _entry(method: str, setting, rows: list[dict], vanilla: list[dict], **extra)
 def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
     """Several skip sets of one setting (random seeds): mean accuracy and its spread over the runs.
 
-    ``ci95`` is the Wilson interval of all runs' answers pooled; ``mcnemar``
-    the run with the median p-value; ``runs`` keeps every run's own figures.
+    ``correct`` is the mean over runs, ``ci95`` the Wilson interval of all
+    runs' answers pooled, ``mcnemar`` the run with the median p-value;
+    ``runs`` keeps every run's own figures.
     """
     accs = [r["accuracy"] for r in runs]
     mean = sum(accs) / len(accs)

@@ -198,10 +198,11 @@ def saved(setup, tmp_path_factory):
     return root
 
 
-def run_eval(root, *extra):
+def run_eval(root, *extra, routers=True):
     from drllm.cli import main
 
-    return main(["eval", "--model", str(root / "model"), "--device", "cpu", "--routers", str(root / "routers"),
+    with_routers = ["--routers", str(root / "routers")] if routers else []
+    return main(["eval", "--model", str(root / "model"), "--device", "cpu", *with_routers,
                  "--task", "arc_easy", "--data-dir", str(root / "data"), "--batch-size", "4", *extra])
 
 
@@ -290,3 +291,11 @@ def test_compare_refuses_overlap_and_uses_recorded_dev_part(setup, saved):
     res = compare(model, tok, examples, baselines=[("exit", [1])])
     assert [m["method"] for m in res["methods"]] == ["vanilla", "exit"] and res["sweep"] == []
     assert math.isclose(res["methods"][1]["blocks_per_pass"], L - 1)
+
+
+def test_eval_command_without_routers(saved, tmp_path):
+    out_json = tmp_path / "out.json"
+    assert run_eval(saved, "--split", "validation", "--baselines", "exit:1", "--json", str(out_json),
+                    routers=False) == 0
+    payload = json.loads(out_json.read_text())
+    assert [m["method"] for m in payload["methods"]] == ["vanilla", "exit"] and payload["results"] == []

@@ -21,7 +21,8 @@ from .common import (
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="accuracy and layers per example, vanilla vs routed")
     add_model_args(p)
-    p.add_argument("--routers", required=True, help="router checkpoint folder (from `drllm train`)")
+    p.add_argument("--routers", default=None,
+                   help="router checkpoint folder (from `drllm train`); without it, vanilla and --baselines only")
     add_task_arg(p)
     p.add_argument("--split", default=None, help="default: validation for ARC, train for GSM8K/MATH")
     p.add_argument("--n", type=positive_int, default=None, help="evaluate the first N examples (default: all)")
@@ -60,7 +61,8 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
-    routers = drllm.Routers.from_pretrained(args.routers)  # a bad folder fails before the model loads
+    # a bad folder fails before the model loads
+    routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
     calibration, source = [], None
     if any(method in ("shortgpt", "static") for method, _ in baselines):
         calibration, source = calibration_set(args.task, examples, n=args.calib_n, routers_dir=args.routers,
@@ -72,7 +74,7 @@ def run(args) -> int:
     results = res["sweep"]
     table = format_table(*frontier_table(res["methods"]))
     print(f"{args.task} {args.split or 'default split'}, {len(examples)} examples, {reward} scoring, "
-          f"{results[0]['num_blocks']} blocks")
+          f"{res['methods'][0]['blocks_per_pass']:g} blocks")
     if source:
         print(f"calibration/selection (shortgpt, static): {source}")
     print("\n" + table)
