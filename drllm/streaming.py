@@ -34,6 +34,7 @@ class PathStreamer(TextStreamer):
         self._write(text + ("\n" if stream_end else ""))
 
     def _write(self, text: str) -> None:
-        file = self.file or sys.stdout  # looked up per write: pytest swaps sys.stdout
-        file.write(text)
-        file.flush()
+        if text:
+            file = self.file or sys.stdout  # looked up per write: pytest swaps sys.stdout
+            file.write(text)
+            file.flush()

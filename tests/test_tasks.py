@@ -187,13 +187,50 @@ def test_resolution_order(tmp_path, monkeypatch, fake_hub):
     assert load_task("arc_easy")[0].id == "q2"  # then the env var
     assert load_task("arc_easy", "validation", path=explicit / "arc_easy" / "validation.jsonl")[0].id == "q1"
     assert fake_hub == []
-    # explicit data_dir is strict: no fall-through to env or hub
+    # explicit data_dir is strict: no fall-through to env, embedded copy or hub
     with pytest.raises(DataUnavailableError, match="arc_challenge/validation.jsonl"):
         load_task("arc_challenge", data_dir=explicit)
-    # env dir lacking the file -> hub
-    exs = load_task("arc_challenge")
-    assert fake_hub == [("allenai/ai2_arc", "ARC-Challenge", "validation")]
+    # env dir lacking the file -> the embedded copy, where it holds the items asked for
+    assert len(load_task("arc_challenge")) == 299 and len(load_task("arc_easy", "train", limit=500)) == 500
+    assert fake_hub == []
+    # -> else the hub
+    exs = load_task("arc_challenge", "train")
+    assert fake_hub == [("allenai/ai2_arc", "ARC-Challenge", "train")]
     assert exs[0].id == "q2" and exs[0].task == "arc_challenge"
+    load_task("arc_easy", "train", limit=501)
+    assert fake_hub[-1] == ("allenai/ai2_arc", "ARC-Easy", "train")
+
+
+def test_embedded_copy_is_the_shipped_prefix_of_each_split():
+    from drllm.tasks import EMBEDDED
+    from drllm.tasks.data import EMBEDDED_DIR
+
+    for (task, split), held in EMBEDDED.items():
+        lines = (EMBEDDED_DIR / task / f"{split}.jsonl").read_text().splitlines(keepends=True)
+        assert len(lines) == (held or {"arc_easy": 570, "arc_challenge": 299}[task])
+        if (REAL / task).is_dir():  # lines unchanged from the source files
+            source = (REAL / task / f"{split}.jsonl").read_text().splitlines(keepends=True)
+            assert lines == source[: len(lines)] and (held is not None or len(lines) == len(source))
+
+
+def test_errors_name_every_place_looked(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # no hub
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(DataUnavailableError) as info:
+        load_task("arc_easy", "train")  # the embedded copy holds 500 of its items
+    msg = str(info.value)
+    assert "the embedded copy holds the first 500 items of arc_easy/train, not all" in msg
+    assert "Hugging Face hub (allenai/ai2_arc): the 'datasets' package is not installed" in msg
+    assert f"set the {DATA_DIR_ENV}" in msg
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(DataUnavailableError) as info:
+        load_task("gsm8k", "test")
+    msg = str(info.value)
+    assert f"{DATA_DIR_ENV} has no {tmp_path / 'gsm8k' / 'test.jsonl'}" in msg
+    assert "embedded copy holds only arc_easy/train" in msg and "hub (openai/gsm8k)" in msg
+    # the variable is already set: say where to add the file, not to set it
+    assert f"set the {DATA_DIR_ENV}" not in msg and f"Add gsm8k/test.jsonl to {tmp_path}" in msg
+    assert "\n" not in msg
 
 
 def test_hub_concatenates_math_configs_and_synthesises_ids(fake_hub):
@@ -215,7 +252,7 @@ def test_missing_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     with pytest.raises(DataUnavailableError, match="pip install datasets") as info:
-        load_task("arc_easy")
+        load_task("arc_easy", "test")
     assert "--data-dir" in str(info.value)
 
 
