@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import tiny_model
 from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm.search.run as run_mod
+from drllm.artifacts import ArtifactError, OutputLockedError, settings_path
 from drllm.cli import main
 from drllm.search import SearchConfig, merge_shards, read_records, run_search, shard_path, summarize
 from drllm.tasks import Example
@@ -150,6 +153,7 @@ def test_cli_torchrun_ranks_and_merge(reference, setup, tmp_path, monkeypatch, c
     monkeypatch.setenv("RANK", "0")
     assert main(argv + ["--json", str(tmp_path / "summary.json")]) == 0
     assert strip(read_records(out)) == strip(reference[0])
+    assert json.loads(settings_path(out).read_text())["split"] == "train"  # the shards' settings, merged
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n"] == 5 and summary["default_accuracy"] == reference[1]["default_accuracy"]
     assert "best-path accuracy" in capsys.readouterr().out
@@ -221,3 +225,98 @@ def test_shared_skip_prefers_net_gain_then_fewest_flips():
     assert shared_skip([rec(-0.2, [0.1, -0.1, -0.1])] + records) == 0  # net +1 beats fewer flips
     assert shared_skip([rec(0.2, [-0.1, -0.1, -0.1])]) is None  # every skip loses
     assert shared_skip([]) is None
+
+
+def _cli_argv(tmp_path, out, *extra):
+    _write_arc(tmp_path / "data", make_examples())
+    return ["search", "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--task", "arc_easy",
+            "--split", "train", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-progress", *extra]
+
+
+def test_second_writer_fails_at_once_naming_the_pid(setup, tmp_path, capsys):
+    model, tok = setup
+    out = tmp_path / "paths.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from drllm.artifacts import exclusive_lock\n"
+         "with exclusive_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=rf"being written by another process \(PID {holder.pid}"):
+            run_search(model, tok, make_examples(2), out, config=CONFIG, progress=False)
+        # the command refuses before it loads the model (this model path does not exist)
+        assert main(_cli_argv(tmp_path, out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("drllm search: error:") and f"PID {holder.pid}" in err and "\n" not in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+    run_search(model, tok, make_examples(2), out, config=CONFIG, progress=False)  # the lock went with its holder
+    assert [r["id"] for r in read_records(out)] == ["toy-0", "toy-1"]
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwritten(setup, tmp_path):
+    model, tok = setup
+    out = tmp_path / "paths.jsonl"
+    run_search(model, tok, make_examples(2), out, config=CONFIG, progress=False)
+    recorded = json.loads(settings_path(out).read_text())
+    assert recorded["kind"] == "search" and recorded["task"] == "arc_easy" and recorded["reward"] == "loglik"
+    assert (recorded["simulations"], recorded["seed"], recorded["min_margin"]) == (12, 7, 0.0)
+    assert len(recorded["model"]) == 64  # the weights' fingerprint
+    before = out.read_text()
+    other = SearchConfig(simulations=13, batch=4, seed=8, min_margin=0.1)
+    with pytest.raises(ArtifactError, match="other settings") as info:
+        run_search(model, tok, make_examples(3), out, config=other, progress=False)
+    message = str(info.value)
+    for change in ("simulations: 12 -> 13", "seed: 7 -> 8", "min_margin: 0.0 -> 0.1", "new --out", "--overwrite"):
+        assert change in message
+    assert out.read_text() == before  # nothing appended
+    run_search(model, tok, make_examples(3), out, config=other, progress=False, overwrite=True)
+    assert [r["id"] for r in read_records(out)] == ["toy-0", "toy-1", "toy-2"]
+    assert json.loads(settings_path(out).read_text())["simulations"] == 13
+    # more items under the same settings extend the file
+    run_search(model, tok, make_examples(4), out, config=other, progress=False)
+    assert len(read_records(out)) == 4
+
+
+def test_output_without_recorded_settings_is_refused(setup, tmp_path):
+    model, tok = setup
+    out = tmp_path / "paths.jsonl"
+    out.write_text(json.dumps({"id": "toy-0"}) + "\n")  # written by an older drllm
+    with pytest.raises(ArtifactError, match="no paths.jsonl.settings.json.*--overwrite"):
+        run_search(model, tok, make_examples(2), out, config=CONFIG, progress=False)
+
+
+def test_skip_probe_output_is_bound_to_its_settings(setup, tmp_path):
+    from drllm.search import probe_skips
+
+    model, tok = setup
+    out = tmp_path / "skips.jsonl"
+    probe_skips(model, tok, make_examples(2), out, config=CONFIG, progress=False)
+    assert json.loads(settings_path(out).read_text())["kind"] == "skip probe"
+    with pytest.raises(ArtifactError, match="normalize: 'chars' -> 'tokens'"):
+        probe_skips(model, tok, make_examples(2), out, config=SearchConfig(normalize="tokens"), progress=False)
+    with pytest.raises(ArtifactError, match="kind: 'skip probe' -> 'search'"):  # not a search output
+        run_search(model, tok, make_examples(2), out, config=CONFIG, progress=False)
+
+
+def test_merge_refuses_shards_of_different_searches(setup, tmp_path):
+    model, tok = setup
+    examples = make_examples(2)
+    shards = [shard_path(tmp_path / "p.jsonl", i, 2) for i in range(2)]
+    run_search(model, tok, examples, shards[0], config=CONFIG, shard=(0, 2), progress=False)
+    run_search(model, tok, examples, shards[1], config=SearchConfig(simulations=12, batch=4, seed=9), shard=(1, 2),
+               progress=False)
+    with pytest.raises(ArtifactError, match=r"p.shard1-of-2.jsonl was made with other settings.*seed: 7 -> 9"):
+        merge_shards(shards, tmp_path / "p.jsonl")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "two"])
+def test_n_must_be_a_positive_count(tmp_path, capsys, n):
+    with pytest.raises(SystemExit) as info:
+        main(_cli_argv(tmp_path, tmp_path / "out.jsonl", "--n", n))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("drllm search: error: argument --n") and "\n" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
 from drllm import ops
+from drllm.artifacts import ArtifactError
 from drllm.train import (
     TrainConfig,
     batched_router_logits,
@@ -307,3 +309,101 @@ def test_train_command(setup, tmp_path, capsys):
     payload = json.loads((tmp_path / "train.json").read_text())
     assert len(payload["history"]) == 2 and payload["train"] + payload["val"] == 30
     assert drllm.Routers.from_pretrained(tmp_path / "routers").num_blocks == L
+
+
+class _Payload:
+    """A pickle that creates ``marker`` when unpickled (a harmless stand-in for any code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _interrupted(model, tok, tmp_path, stop_at):
+    """Train into ``tmp_path/part`` and stop after epoch ``stop_at``; returns the paths file."""
+    f = write_jsonl(tmp_path / "paths.jsonl", synthetic_records(30, seed=2, null_every=7))
+
+    def stop(epoch, metrics):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path), callback=stop)
+    return f
+
+
+def test_resume_never_unpickles_a_planted_trainer_state(setup, tmp_path):
+    model, tok = setup
+    f = _interrupted(model, tok, tmp_path, stop_at=2)
+    ckpt = tmp_path / "part" / "checkpoints" / "epoch-0002"
+    assert {p.suffix for p in ckpt.iterdir()} == {".json", ".safetensors"}  # no pickle is written
+    planted = ckpt / "trainer_state.pt"  # where older versions kept their pickled state
+    torch.save({"optimizer": _Payload(tmp_path / "ran")}, planted)
+    probe = tmp_path / "probe.pt"  # the payload is real: unpickling a copy runs it
+    torch.save({"optimizer": _Payload(tmp_path / "probe-ran")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()
+    with pytest.raises(ArtifactError, match=r"trainer_state\.pt: a pickled trainer state.*delete .*checkpoints "
+                                            r"or train into a fresh --out") as info:
+        train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "ran").exists()
+    # a folder holding only an old checkpoint is refused the same way
+    shutil.rmtree(ckpt)
+    old = tmp_path / "part" / "checkpoints" / "epoch-0005"
+    old.mkdir()
+    torch.save({"optimizer": _Payload(tmp_path / "ran")}, old / "trainer_state.pt")
+    with pytest.raises(ArtifactError, match="pickled trainer state"):
+        train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path))
+    assert not (tmp_path / "ran").exists()
+
+
+def _nan_moment(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    tensors["optimizer.0.exp_avg"][0, 0] = float("nan")
+    save_file(tensors, str(ckpt / "trainer_state.safetensors"))
+
+
+def _edit_state(**changes):
+    def edit(ckpt):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state.update({k: v(state) for k, v in changes.items()})
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    return edit
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (_nan_moment, "tensor optimizer.0.exp_avg holds non-finite values"),
+    (lambda ckpt: (ckpt / "trainer_state.json").write_text("{oops"), "not a readable JSON file"),
+    (lambda ckpt: (ckpt / "trainer_state.safetensors").write_bytes(b"\0" * 16), "truncated or corrupt"),
+    (_edit_state(param_groups=lambda s: [{**s["param_groups"][0], "weight_decay": 0.5}]), "optimizer settings"),
+    (_edit_state(epoch=lambda s: 7), "epoch or history"),
+    (_edit_state(scheduler=lambda s: {**s["scheduler"], "last_epoch": "3"}), "scheduler state"),
+    (_edit_state(extra=lambda s: 1), "not a trainer state"),
+])
+def test_tampered_trainer_state_is_refused_naming_the_file(setup, tmp_path, tamper, problem):
+    model, tok = setup
+    f = _interrupted(model, tok, tmp_path, stop_at=1)
+    ckpt = tmp_path / "part" / "checkpoints" / "epoch-0001"
+    tamper(ckpt)
+    with pytest.raises(ArtifactError, match="trainer_state") as info:
+        train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path))
+    assert problem in str(info.value) and f"delete {ckpt}" in str(info.value)
+
+
+def test_repeated_ids_keep_the_first_record_with_a_warning(setup, tmp_path):
+    model, tok = setup
+    records = synthetic_records(10, seed=3)
+    again = [{**r, "best_path": "2222", "good_paths": []} for r in records[:3]]  # e.g. two searches appended
+    f = write_jsonl(tmp_path / "paths.jsonl", records + again)
+    with pytest.warns(UserWarning, match="3 records repeat an id already seen"):
+        loaded = load_path_records(f, L)
+    assert [r["id"] for r in loaded] == [r["id"] for r in records]
+    assert all(r["label"] != "2222" for r in loaded)
+    with pytest.warns(UserWarning, match="3 records repeat an id"):
+        result = train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=1))
+    assert result["records"] == 10 and result["train"] + result["val"] == 10

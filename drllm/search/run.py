@@ -8,8 +8,9 @@ file. One process at a time writes a file (an exclusive lock on
 ``OUT.lock``), and the settings that change the records are kept in
 ``OUT.settings.json`` (:func:`drllm.artifacts.claim_output`): a rerun under
 other settings is refused instead of mixing two experiments in one file;
-``overwrite`` starts over. Every example's search is seeded from ``(config.seed, example id)``
-alone, so records do not depend on the order, the sharding or on resuming.
+``overwrite`` starts over. Every example's search is seeded from
+``(config.seed, example id)`` alone, so records do not depend on the order,
+the sharding or on resuming.
 
 Record fields: ``id``, ``task``, ``reward_mode``, ``prompt`` (the routing
 context text: the cloze context in log-likelihood mode, the generation prompt
@@ -88,6 +89,7 @@ def output_settings(kind: str, model: Any, examples: Sequence[Example], extra: d
 
 def search_settings(model: Any, examples: Sequence[Example], config: SearchConfig, reward: str,
                     extra: dict | None = None) -> dict:
+    """The settings a search output records: every :class:`SearchConfig` field that changes records."""
     values = {k: v for k, v in asdict(config).items() if k not in _SPEED_ONLY}
     return output_settings("search", model, examples, extra, reward=reward, **values)
 
