@@ -188,29 +188,37 @@ def claim_output(target: str | os.PathLike, settings: dict, overwrite: bool = Fa
     if overwrite:
         for path in (target, sidecar):
             path.unlink(missing_ok=True)
+    if not (target.is_file() and target.stat().st_size > 0):
+        write_json(sidecar, settings)  # nothing written yet: the output is this run's
+        return
     recorded = read_settings(target)
-    if recorded is None and target.is_file() and target.stat().st_size > 0:
+    if recorded is None:
         raise ArtifactError(
             f"{target} holds records but no {sidecar.name} saying which settings made them (an older drllm "
             "wrote it); pass a new --out, or --overwrite to start over"
         )
-    if recorded is not None and recorded != settings:
+    if recorded != settings:
         raise ArtifactError(
             f"{target} was made with other settings ({'; '.join(settings_diff(recorded, settings))}); "
             "pass a new --out, or --overwrite to start over"
         )
-    if recorded is None:
-        write_json(sidecar, settings)
+
+
+_NOT_THE_MODEL = ("_name_or_path", "transformers_version")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity of a model's weights: config, names, shapes, dtypes, a strided sample and a sum."""
+    """A cheap identity of a model's weights: config (but not where it was loaded from), names, shapes, dtypes,
+    a strided sample and a sum."""
     import torch
 
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode() if hasattr(config, "to_json_string") else b"")
+    if hasattr(config, "to_json_string"):
+        fields = json.loads(config.to_json_string(use_diff=False))
+        for where in _NOT_THE_MODEL:  # the same weights loaded from elsewhere are the same model
+            fields.pop(where, None)
+        digest.update(json.dumps(fields, sort_keys=True).encode())
     with torch.no_grad():
         for name, p in model.state_dict().items():
             flat = p.detach().reshape(-1)

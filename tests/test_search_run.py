@@ -320,3 +320,18 @@ def test_n_must_be_a_positive_count(tmp_path, capsys, n):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("drllm search: error: argument --n") and "\n" not in err
+
+
+def test_model_fingerprint_ignores_where_the_model_was_loaded_from(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from drllm.artifacts import model_fingerprint
+
+    model, _ = setup
+    for name in ("a", "b"):
+        model.save_pretrained(tmp_path / name)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert model_fingerprint(a) == model_fingerprint(b) == model_fingerprint(model)
+    with torch.no_grad():
+        b.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert model_fingerprint(b) != model_fingerprint(a)
