@@ -28,6 +28,7 @@ __all__ = [
     "OutputLockedError",
     "read_json",
     "write_json",
+    "tensor_header",
     "load_tensors",
     "exclusive_lock",
     "settings_path",
@@ -68,7 +69,7 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def _header(path: Path, fix: str, error: type[ArtifactError]) -> Layout:
+def tensor_header(path: Path, fix: str, error: type[ArtifactError] = ArtifactError) -> Layout:
     """Names, shapes and dtypes from a safetensors header, without reading any tensor."""
     from safetensors import safe_open
 
@@ -104,7 +105,7 @@ def load_tensors(path: Path, expected: Layout, fix: str,
     from safetensors.torch import load_file
 
     path = Path(path)
-    problems = _layout_problems(_header(path, fix, error), expected)
+    problems = _layout_problems(tensor_header(path, fix, error), expected)
     if problems:
         raise error(f"{path}: {'; '.join(problems[:3])}; {fix}")
     tensors = load_file(str(path))

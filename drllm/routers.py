@@ -1,4 +1,4 @@
-"""Per-block router MLPs and their checkpoints."""
+"""Per-block router MLPs and their checkpoints (checked before use: they may come from someone else)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .artifacts import ArtifactError, load_tensors, read_json
+from .artifacts import ArtifactError, load_tensors, read_json, tensor_header
 
 CONFIG_NAME = "drllm_routers.json"
 WEIGHTS_NAME = "routers.safetensors"
@@ -26,8 +26,7 @@ class RouterFileError(ArtifactError):
 
 
 def _fix(directory: Path) -> str:
-    return (f"re-save the routers with Routers.save_pretrained or retrain them (`drllm train --out {directory}`); "
-            "never edit these files by hand")
+    return f"re-save the routers with Routers.save_pretrained or retrain them (`drllm train --out {directory}`)"
 
 
 def check_config(config, path: Path) -> dict:
@@ -39,7 +38,8 @@ def check_config(config, path: Path) -> dict:
     unknown = sorted(set(config) - set(REQUIRED) - set(CONFIG_BOUNDS))
     missing = [k for k in REQUIRED if k not in config]
     if unknown or missing:
-        raise RouterFileError(f"{path}: unknown keys {unknown}, missing keys {missing}; {fix}")
+        keys = [f"{what} keys {names}" for what, names in (("unknown", unknown), ("missing", missing)) if names]
+        raise RouterFileError(f"{path}: {', '.join(keys)}; {fix}")
     if not isinstance(config["model_type"], str) or not config["model_type"]:
         raise RouterFileError(f"{path}: model_type must be a non-empty string, got {config['model_type']!r}; {fix}")
     for key, bound in CONFIG_BOUNDS.items():
@@ -66,18 +66,13 @@ def _layout(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _check_depth(weights: Path, config_file: Path, num_blocks: int) -> None:
-    """A config whose ``num_blocks`` disagrees with the weights gets a message saying so."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), "pt") as f:
-            blocks = {k.split(".")[1] for k in f.keys() if k.startswith("mlps.")}
-    except Exception:  # unreadable: load_tensors names the problem
-        return
+    """A config whose ``num_blocks`` disagrees with the weights gets a message saying so (from the header)."""
+    fix = _fix(weights.parent)
+    blocks = {name.split(".")[1] for name in tensor_header(weights, fix, RouterFileError) if name.startswith("mlps.")}
     if blocks and len(blocks) != num_blocks:
         raise RouterFileError(
             f"{weights}: holds routers for {len(blocks)} blocks but {config_file} says num_blocks {num_blocks}: "
-            f"the two files come from different checkpoints; {_fix(weights.parent)}"
+            f"the two files come from different checkpoints; {fix}"
         )
 
 
