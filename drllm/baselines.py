@@ -112,6 +112,24 @@ def _prompt_ids(example: Example, tokenizer: Any, reward: str, style: str | None
     return tokenizer(prompt, add_special_tokens=not use_chat_template(tokenizer, style or "auto"))["input_ids"]
 
 
+def _right_padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def _states_through(model, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The hidden states entering each block, then the last block's output (what the final norm reads)."""
+    final = []
+    hook = decoder(model).norm.register_forward_pre_hook(lambda module, args: final.append(args[0]))
+    try:
+        states = block_states(model, input_ids=ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    return states + final[:1]
+
+
 @torch.no_grad()
 def block_influence(model, tokenizer, examples: Sequence[Example], *, reward: str = "loglik",
                     style: str | None = None, batch_size: int = 16) -> list[float]:
@@ -119,21 +137,12 @@ def block_influence(model, tokenizer, examples: Sequence[Example], *, reward: st
     if not examples:
         raise ValueError("ShortGPT needs calibration examples")
     info = describe(model)
-    norm = decoder(model).norm
     total = torch.zeros(info.num_blocks, dtype=torch.float64)
     tokens = 0
     for start in range(0, len(examples), batch_size):
         rows = [_prompt_ids(e, tokenizer, reward, style) for e in examples[start : start + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=info.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=info.device)
-        final = []
-        hook = norm.register_forward_pre_hook(lambda module, args: final.append(args[0]))
-        try:
-            states = block_states(model, input_ids=ids, attention_mask=mask)
-        finally:
-            hook.remove()
-        states.append(final[0])
+        ids, mask = _right_padded(rows, info.device)
+        states = _states_through(model, ids, mask)
         real = mask.bool()
         for i in range(info.num_blocks):
             cos = torch.nn.functional.cosine_similarity(states[i].double(), states[i + 1].double(), dim=-1)

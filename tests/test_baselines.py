@@ -25,6 +25,8 @@ L = 4
 @pytest.fixture(scope="module")
 def setup(one_thread):
     model = tiny_model("llama", seed=5, num_layers=L)
+    with torch.no_grad():  # a final norm that is not a plain rescaling, so its input and output differ in angle
+        model.model.norm.weight.copy_(torch.linspace(0.2, 2.0, model.config.hidden_size))
     return model, make_tiny_tokenizer(chat_template=False)
 
 
@@ -138,8 +140,11 @@ def test_static_selection_scores_match_evaluation(setup):
     examples = arc_examples(6)
     paths = [bl.skip_path(L, [b]) for b in range(L)]
     scores = bl.accuracy_scorer(model, tok, examples)(paths)
-    accuracies = [sum(r["correct"] for r in evaluate_path(model, tok, examples, p)) / len(examples) for p in paths]
-    assert [s[0] for s in scores] == accuracies
+    rows = [evaluate_path(model, tok, examples, p) for p in paths]
+    assert [s[0] for s in scores] == [sum(r["correct"] for r in rs) / len(examples) for rs in rows]
+    margins = [sum(r["margin"] for r in rs) / len(examples) for rs in rows]
+    assert [s[1] for s in scores] == pytest.approx(margins, abs=1e-4)
+    assert len(set(round(m, 3) for m in margins)) == L  # the skips differ, so the choice below is not a tie
     sets, info = bl.choose_skip_sets(model, tok, "static", [1], calibration=examples)
     best = max(range(L), key=lambda b: (scores[b], -b))
     assert sets == {1: [[best]]} and info["calibration_ids"] == [e.id for e in examples]
