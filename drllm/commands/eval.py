@@ -35,7 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--style", default=None, choices=["auto", "chat", "plain"],
                    help="prompt style (default: plain cloze for loglik, auto for generate)")
     p.add_argument("--baselines", nargs="+", default=[], metavar="METHOD:K[,K...]",
-                   help="static skip sets at equal compute, e.g. shortgpt:1,2,4 static:1,2 random:1,2 exit:1,2,4")
+                   help="baselines dropping K blocks for every input: shortgpt (least influential blocks), static "
+                        "(greedy by accuracy on train items), random (--seeds draws), exit (the last K blocks); "
+                        "e.g. shortgpt:1,2,4 exit:1,2,4")
     p.add_argument("--calib-n", type=positive_int, default=64,
                    help="shortgpt/static: calibration/selection items taken from the train split (never the "
                         "evaluated items) when the routers recorded no dev part")
