@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .artifacts import ArtifactError, load_tensors, model_fingerprint, read_json, write_json
+from .artifacts import ArtifactError, exclusive_lock, load_tensors, model_fingerprint, read_json, write_json
 from .batching import pad_batch
 from .paths import path_from_str
 from .routers import Routers
@@ -639,12 +639,20 @@ def train_routers(
     ``shared_skip`` (the block, or None), the label
     ``class_counts`` and ``class_weights``, ``extract`` (cache hits, computed,
     seconds), ``train_seconds``, ``resumed_from`` (epoch or None).
+
+    One process at a time trains into ``out_dir`` (lock file ``OUT.lock``
+    beside it): a second fails at once instead of overwriting checkpoints.
     """
     config = config or TrainConfig()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.resume:
-        _refuse_legacy_state(out_dir)
+    with exclusive_lock(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            _refuse_legacy_state(out_dir)
+        return _train_routers(model, tokenizer, paths_file, out_dir, config, skips_file, callback)
+
+
+def _train_routers(model, tokenizer, paths_file, out_dir: Path, config: TrainConfig, skips_file, callback) -> dict:
     info = describe(model)
     L = info.num_blocks
 

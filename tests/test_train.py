@@ -407,3 +407,15 @@ def test_repeated_ids_keep_the_first_record_with_a_warning(setup, tmp_path):
     with pytest.warns(UserWarning, match="3 records repeat an id"):
         result = train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=1))
     assert result["records"] == 10 and result["train"] + result["val"] == 10
+
+
+def test_second_trainer_into_one_folder_fails_at_once(setup, tmp_path):
+    from drllm.artifacts import OutputLockedError, exclusive_lock
+
+    model, tok = setup
+    f = write_jsonl(tmp_path / "paths.jsonl", synthetic_records(6))
+    with exclusive_lock(tmp_path / "routers"):  # another trainer (a lock of its own, as another process has)
+        with pytest.raises(OutputLockedError, match="routers is being written by another process"):
+            train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=1))
+    assert not (tmp_path / "routers" / "checkpoints").exists()
+    train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=1))
