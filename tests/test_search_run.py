@@ -209,8 +209,9 @@ def test_cli_probe_skips(setup, tmp_path, capsys):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["shared_skip"] == shared_skip(probes) and summary["block_gains"] == block_gains(probes)
     assert "shared skip (probe)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--probe-skips needs"):
-        main(argv + ["--probe-skips", str(skips), "--shard", "0/2"])
+    assert main(argv + ["--probe-skips", str(skips), "--shard", "0/2"]) == 2
+    assert capsys.readouterr().err == ("drllm search: error: --probe-skips needs --reward loglik and no sharding "
+                                       "(probe in one process)\n")
 
 
 def test_shared_skip_prefers_net_gain_then_fewest_flips():

@@ -26,9 +26,9 @@ def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise SystemExit(f"drllm search: --shard takes i/n (e.g. 0/4), got {text!r}") from None
+        raise UsageError(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise SystemExit(f"drllm search: --shard i/n needs 0 <= i < n, got {text!r}")
+        raise UsageError(f"--shard i/n needs 0 <= i < n, got {text!r}")
     return i, n
 
 
@@ -107,7 +107,7 @@ def run(args) -> int:
 
     if args.merge:
         if len(args.merge) < 2:
-            raise SystemExit("drllm search: --merge OUT SHARD [SHARD ...]")
+            raise UsageError("--merge OUT SHARD [SHARD ...]")
         records = merge_shards(args.merge[1:], args.merge[0])
         summary = summarize(records)
         _print_summary(summary, args.merge[0])
@@ -131,10 +131,10 @@ def run(args) -> int:
     else:
         shard = None
     if args.probe_skips and (shard is not None or args.reward != "loglik"):
-        raise SystemExit("drllm search: --probe-skips needs --reward loglik and no sharding (probe in one process)")
+        raise UsageError("--probe-skips needs --reward loglik and no sharding (probe in one process)")
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
     if not examples:
-        raise SystemExit(f"drllm search: no examples in {args.task}/{args.split}")
+        raise UsageError(f"no examples in {args.task}/{args.split}")
     config = SearchConfig(
         simulations=args.simulations, c=args.c, penalty=args.penalty, epsilon=args.epsilon,
         length_cap=args.length_cap, early_stop=not args.no_early_stop, batch=args.batch, seed=args.seed,
