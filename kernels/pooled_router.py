@@ -48,6 +48,11 @@ def _triton_module():
     return _triton_pooled_router
 
 
+def _launcher(kernel, interpret: bool):
+    """Compiled kernels launch through ``torch.library.wrap_triton``, so torch.compile traces them inside the op."""
+    return kernel if interpret else torch.library.wrap_triton(kernel)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -126,9 +131,7 @@ def pooled_router_logits_triton(
     part = torch.empty((B, S, num_windows, D), device=hidden.device, dtype=torch.float32)
     # triton 3.8's interpreter multiplies the raw bits of bf16 operands in tl.dot: upcast there.
     dot_f32 = hidden.dtype == torch.float32 or (interpret and hidden.dtype == torch.bfloat16)
-    k1, k2 = _triton_module()._kernels(interpret)
-    if not interpret:  # launched through the op's wrapper, so torch.compile can trace them
-        k1, k2 = torch.library.wrap_triton(k1), torch.library.wrap_triton(k2)
+    k1, k2 = (_launcher(k, interpret) for k in _triton_module()._kernels(interpret))
     k1[(B, S)](
         hidden, mask, w1, part,
         T, H, D, num_windows, S,

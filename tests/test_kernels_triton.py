@@ -69,6 +69,17 @@ def random_lengths(B, T, seed):
     return lengths, left
 
 
+def punch_gaps(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """``mask`` with random holes inside rows (as a ``routing_mask`` may have), each row keeping a real token."""
+    gen = torch.Generator().manual_seed(seed)
+    holes = torch.rand(mask.shape, generator=gen) < 0.35
+    out = mask.masked_fill(holes, 0)
+    for b in range(mask.shape[0]):
+        if not out[b].any():
+            out[b, int(mask[b].nonzero()[0])] = 1
+    return out
+
+
 CASES = [
     # B, T, H, num_windows
     (1, 1, 576, 8),  # one-token prompt
@@ -108,6 +119,22 @@ def test_triton_matches_reference(B, T, H, nw, dtype):
         torch.testing.assert_close(out.double(), ref64, rtol=1e-4, atol=2e-5)
     else:
         check_low_precision(out, hidden, mask, nw, w1, b1, w2, b2)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,nw", CASES[1:8])
+def test_triton_pools_masks_with_gaps_like_the_reference(B, T, H, nw, dtype):
+    """Real tokens are ranked, not taken as one run from the first: a mask like 1110011111 pools its 8 tokens."""
+    lengths, left = random_lengths(B, T, seed=B + T + H)
+    hidden, mask, w1, b1, w2, b2 = make_inputs(B, T, H, lengths, left, dtype, seed=T)
+    mask = punch_gaps(mask, seed=H)
+    if T >= 10:
+        mask[0, :10] = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 1, 1])
+    out = kernels.pooled_router_logits_triton(hidden, mask, nw, w1, b1, w2, b2)
+    loop = ops.pooled_router_logits_loop(hidden, mask, nw, w1, b1, w2, b2, dtype=torch.float32)
+    torch.testing.assert_close(out, ops.pooled_router_logits_reference(hidden, mask, nw, w1, b1, w2, b2), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(out, loop, rtol=1e-4, atol=2e-5)
 
 
 @interpreted
@@ -178,7 +205,9 @@ def test_triton_compiled_on_cuda():
                 lengths = torch.randint(1, T + 1, (B,)); lengths[0] = T
                 ar = torch.arange(T)
                 left = torch.rand(B) > 0.5
-                mask = torch.where(left[:, None], ar[None] >= T - lengths[:, None], ar[None] < lengths[:, None]).long().cuda()
+                mask = torch.where(left[:, None], ar[None] >= T - lengths[:, None], ar[None] < lengths[:, None]).long()
+                holes = (torch.rand(B, T) < 0.3) & (ar[None] != ar[None].where(mask.bool(), T).min(1, keepdim=True).values)
+                mask = mask.masked_fill(holes, 0).cuda()  # gaps inside rows, the first real token kept
                 w1 = torch.nn.init.xavier_uniform_(torch.empty(128, H, device="cuda"))
                 w2 = torch.nn.init.xavier_uniform_(torch.empty(3, 128, device="cuda"))
                 b1 = 0.1 * torch.randn(128, device="cuda"); b2 = 0.1 * torch.randn(3, device="cuda")
@@ -208,10 +237,13 @@ def test_triton_compiled_on_cuda():
     nw=st.integers(1, 12),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**16),
+    gaps=st.booleans(),
 )
-def test_triton_random_shapes(B, T, H, nw, dtype, seed):
+def test_triton_random_shapes(B, T, H, nw, dtype, seed, gaps):
     lengths, left = random_lengths(B, T, seed)
     hidden, mask, w1, b1, w2, b2 = make_inputs(B, T, H, lengths, left, dtype, seed=seed)
+    if gaps:
+        mask = punch_gaps(mask, seed)
     out = kernels.pooled_router_logits_triton(hidden, mask, nw, w1, b1, w2, b2)
     ref = ops.pooled_router_logits_reference(hidden, mask, nw, w1, b1, w2, b2)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)

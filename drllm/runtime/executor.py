@@ -38,7 +38,6 @@ from typing import Callable
 import torch
 
 from .. import ops
-from .adapters import cache_kwarg
 from .cache import RoutedCache
 
 NONE, ALL, SOME, SELECT = 0, 1, 2, 3
@@ -334,9 +333,12 @@ def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
     return out
 
 
-def routed_block(layer_forward: Callable, block: int, owner) -> Callable:
-    """Wrap a decoder layer's ``forward`` so it follows each row's decisions in the current call of ``owner``."""
-    name = cache_kwarg(layer_forward)
+def routed_block(layer_forward: Callable, block: int, owner, name: str) -> Callable:
+    """Wrap a decoder layer's ``forward`` so it follows each row's decisions in the current call of ``owner``.
+
+    ``name`` is the keyword the layer class takes its cache by (a hook's
+    ``forward(*args, **kwargs)`` does not say).
+    """
 
     def forward(hidden_states, *args, **kwargs):
         call = current_call(owner)

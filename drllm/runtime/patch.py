@@ -106,7 +106,7 @@ def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, la
             mlp.to(device or info.device)
     state = RoutingState(info.num_blocks, routers, lam, lam_rule, devices if any(devices) else ())
     for i, layer in enumerate(base.layers):
-        _replace(state, layer, "forward", routed_block(layer.forward, i, state))
+        _replace(state, layer, "forward", routed_block(layer.forward, i, state, cache_kwarg(type(layer).forward)))
     _replace(state, base, "forward", _routed_model_forward(base, base.forward, state))
     if model is not base and hasattr(model, "prepare_inputs_for_generation"):
         _replace(state, model, "prepare_inputs_for_generation", _with_routing_mask(model.prepare_inputs_for_generation))
@@ -251,8 +251,8 @@ def _prefix_plan(decisions: torch.Tensor, states: list, sources: torch.Tensor, d
 
 
 def _routed_model_forward(base: nn.Module, original, state: RoutingState):
-    signature = inspect.signature(original)
-    name = cache_kwarg(original)
+    signature = inspect.signature(type(base).forward.__get__(base))  # the class's: an instance hook may hide it
+    name = cache_kwarg(type(base).forward)
 
     def forward(*args, routing_mask: torch.Tensor | None = None, **kwargs):
         kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
