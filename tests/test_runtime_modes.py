@@ -263,3 +263,25 @@ def test_lambda_rule_through_the_model(routed):
             drllm.set_lam(model, 0.5, rule="sigmoid")
     finally:
         drllm.set_lam(model, 0.0, rule="shift")
+
+
+def test_backend_and_row_policy_choices_belong_to_the_calling_thread():
+    from drllm import ops
+    from drllm.runtime import executor
+
+    def other_thread() -> dict:
+        seen = {}
+        t = threading.Thread(target=lambda: seen.update(mode=ops.backend("cpu")["mode"], policy=executor.row_policy()))
+        t.start()
+        t.join()
+        return seen
+
+    before = other_thread()
+    previous_backend = ops.set_backend("reference" if before["mode"] != "reference" else "ext")
+    previous_policy = executor.set_row_policy("select" if before["policy"]["policy"] != "select" else "gather", 0.5)
+    try:
+        assert ops.backend("cpu")["mode"] != before["mode"] and executor.row_policy() != before["policy"]
+        assert other_thread() == before
+    finally:
+        ops.set_backend(previous_backend)
+        executor.restore_row_policy(previous_policy)
