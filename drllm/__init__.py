@@ -4,7 +4,7 @@ The public names are imported on first use (PEP 562), so ``drllm --help`` and
 ``import drllm.cli`` do not pay for torch and transformers.
 """
 
-import importlib
+from ._lazy import lazy_attributes
 
 # public name -> the module defining it; a new public name is one line here
 _LAZY = {
@@ -24,14 +24,7 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__():

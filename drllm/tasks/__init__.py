@@ -6,8 +6,7 @@
 >>> [r.correct for r in res], [r.margin for r in res]                     # doctest: +SKIP
 """
 
-import importlib
-
+from .._lazy import lazy_attributes
 from .data import (
     ARC_TASKS,
     DATA_DIR_ENV,
@@ -49,14 +48,7 @@ _LAZY = {name: ".rewards" for name in (
     "ChoiceScore", "Generation", "accuracy", "choice_requests", "choice_scores_from_loglikelihoods",
     "encode_request", "generate_answers", "generation_rewards", "loglikelihood", "score_choices",
 )}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = [
