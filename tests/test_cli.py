@@ -73,6 +73,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     (["eval", "--routers", "r", "--split", "test"], "cannot load arc_easy/test"),
     (["search", "--task", "gsm8k", "--split", "test"], "cannot load gsm8k/test"),
     (["demo", "--n-search", "501"], "the first 500 items of arc_easy/train, not 501"),
+    (["bench", "--suites", "routing,nope"], "unknown suite(s) nope; choose from routing"),
 ])
 def test_user_errors_are_one_line_and_exit_2_before_the_model_loads(argv, needle, no_model_no_hub, capsys, tmp_path):
     code, err = run_cli(argv + (["--out", str(tmp_path / "out")] if argv[0] == "demo" else []), capsys)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
+from .common import UsageError, add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
 
 RANDOM_PREFIX = "random:"
 
@@ -55,9 +55,6 @@ def run(args) -> int:
 
     from .. import bench
 
-    model = load(args)
-    if model.device.type == "cpu" and args.threads != 0:
-        torch.set_num_threads(args.threads or 1)
     overrides = {"repeats": args.repeats, "prefill_lengths": args.prefill_lengths, "gen_tokens": args.gen_tokens,
                  "batch_sizes": args.batch_sizes, "throughput_tokens": args.tokens, "policy_tokens": args.tokens,
                  "policy_batches": args.policy_batches, "prompt_length": args.prompt_length}
@@ -65,8 +62,10 @@ def run(args) -> int:
         overrides["suites"] = tuple(s.strip() for s in args.suites.split(",") if s.strip())
         unknown = set(overrides["suites"]) - set(bench.SUITES)
         if unknown:
-            raise SystemExit(f"drllm bench: unknown suite(s) {', '.join(sorted(unknown))}; "
-                             f"choose from {', '.join(bench.SUITES)}")
+            raise UsageError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from {', '.join(bench.SUITES)}")
+    model = load(args)
+    if model.device.type == "cpu" and args.threads != 0:
+        torch.set_num_threads(args.threads or 1)
     cfg = bench.BenchConfig.for_run(args.quick, model.device, **overrides)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     info = f"{args.model} on {bench._device_name(model.device)}, {str(model.dtype).replace('torch.', '')}"
