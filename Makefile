@@ -3,7 +3,7 @@
 #   make demo     the whole pipeline, offline, on the embedded model and data (~14 min on 2 CPU cores)
 #   make test     the test suite (CPU; GPU tests skip without CUDA)
 #
-#   make demo DEMO_ARGS=--quick        a small demo (~3 min)
+#   make demo DEMO_ARGS=--quick        a small demo (1 to 2 min)
 #   make test PYTEST_ARGS="-q -x tests/test_cli.py"
 #   make test VENV=.venv-ci            another virtual environment (CI uses this one)
 #

@@ -37,7 +37,7 @@ class DemoSettings:
 
 
 # Default: about 14 minutes on a quiet 2-core CPU (search ~0.9 s per item,
-# scoring ~0.3 s per item and model); quick: under 3 minutes (CI runs it).
+# scoring ~0.3 s per item and model); quick: 1 to 2 minutes (CI runs it).
 DEFAULT = DemoSettings(n_search=500, simulations=32, n_eval=None)
 QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24)
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -121,8 +122,11 @@ def test_demo_writes_outside_the_checkout_and_needs_no_flags(no_model_no_hub, ca
 def test_make_installs_the_pinned_torch_once_then_runs():
     if shutil.which("make") is None:
         pytest.skip("no make")
-    dry = lambda *args: subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                       check=True).stdout
+    # the Makefile's defaults: not those of a make this test may run under (CI's `make test VENV=...`)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV", "TORCH_SPEC", "PYTEST_ARGS", "DEMO_ARGS")}
+    dry = lambda *args: subprocess.run(["make", "-n", *args], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
+                                       text=True, check=True).stdout
     plan = dry("test", "VENV=/nonexistent/venv")
     assert "python3 -m venv /nonexistent/venv" in plan
     assert '/nonexistent/venv/bin/python -c "import torch" 2>/dev/null || ' \
