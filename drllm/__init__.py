@@ -17,6 +17,7 @@ _LAZY = {
     "observe": ".runtime.patch",
     "block_states": ".runtime.patch",
     "is_patched": ".runtime.patch",
+    "compile": ".runtime.patch",
     "as_paths": ".paths",
     "default_path": ".paths",
     "path_length": ".paths",

@@ -87,16 +87,19 @@ class RoutedCache(Cache):
 
 
 class SlotView:
-    """What one (block, pass) sees as its KV cache: writes go to its slot."""
+    """What one (block, pass) sees as its KV cache: writes go to its slot's layer.
 
-    __slots__ = ("cache", "slot")
+    It holds the layer object itself, not an index into the cache, so that a
+    compiled block sees the same kind of object for every slot and compiles
+    one graph for all of them.
+    """
 
     def __init__(self, cache: RoutedCache, slot: int):
         self.cache = cache
-        self.slot = slot
+        self.layer = cache.layers[slot]
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        return self.cache.layers[self.slot].update(key_states, value_states, *args, **kwargs)
+        return self.layer.update(key_states, value_states, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.cache, name)

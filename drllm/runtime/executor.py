@@ -333,12 +333,21 @@ def row_subset(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
     return out
 
 
-def routed_block(layer_forward: Callable, block: int, owner, name: str) -> Callable:
-    """Wrap a decoder layer's ``forward`` so it follows each row's decisions in the current call of ``owner``.
+def routed_block(layer, block: int, owner, name: str) -> Callable:
+    """A ``forward`` for decoder ``layer`` that follows each row's decisions in the current call of ``owner``.
 
     ``name`` is the keyword the layer class takes its cache by (a hook's
-    ``forward(*args, **kwargs)`` does not say).
+    ``forward(*args, **kwargs)`` does not say). Decode steps run the block
+    compiled when :func:`drllm.compile` asked for it; the routing between
+    blocks always runs eagerly.
     """
+    layer_forward = layer.forward  # the instance's own (e.g. an accelerate hook) or the class's
+
+    def run(hidden_states, *args, **kwargs):
+        compiled = owner.compiled
+        if compiled is not None and hidden_states.shape[1] == 1 and kwargs.get(name) is not None:
+            return compiled(layer, hidden_states, *args, **kwargs)
+        return layer_forward(hidden_states, *args, **kwargs)
 
     def forward(hidden_states, *args, **kwargs):
         call = current_call(owner)
@@ -350,17 +359,17 @@ def routed_block(layer_forward: Callable, block: int, owner, name: str) -> Calla
         if first.mode == ALL:  # the common case: the whole batch, no copies
             if cache is not None:
                 kwargs[name] = cache.views[block]
-            hidden_states = layer_forward(hidden_states, *args, **kwargs)
+            hidden_states = run(hidden_states, *args, **kwargs)
         elif first.mode != NONE:
-            hidden_states = _run_rows(layer_forward, hidden_states, args, kwargs, first, call, block, name)
+            hidden_states = _run_rows(run, hidden_states, args, kwargs, first, call, block, name)
         if second.mode == NONE:
             return hidden_states
         if second.mode == ALL:
             if cache is not None:
                 kwargs[name] = cache.views[cache.num_blocks + block]
-            return layer_forward(hidden_states, *args, **kwargs)
+            return run(hidden_states, *args, **kwargs)
         slot = block + call.decisions.shape[1]
-        return _run_rows(layer_forward, hidden_states, args, kwargs, second, call, slot, name)
+        return _run_rows(run, hidden_states, args, kwargs, second, call, slot, name)
 
     return forward
 

@@ -19,6 +19,7 @@ from .executor import ALL, LAM_RULES, Call, PassPlan, running, routed_block
 
 STATE_ATTR = "_drllm_state"
 _ABSENT = object()  # marks an attribute the instance did not have before the patch
+_RECOMPILE_LIMIT = 64
 _PATCH_LOCK = threading.Lock()  # temporary patches made by forced_paths/observe from several threads
 
 
@@ -33,6 +34,7 @@ class RoutingState:
     devices: tuple = ()  # per block: its accelerate execution device, or None
     saved: list = field(default_factory=list)  # (module, attribute, instance value before the patch or _ABSENT)
     local: threading.local = field(default_factory=threading.local)  # .last: decisions of this thread's last call
+    compiled: object = None  # the blocks' class forward under torch.compile (drllm.compile), for decode steps
     borrowers: int = 0  # forced_paths/observe blocks using a temporary patch (0: patched by the user)
 
 
@@ -106,7 +108,7 @@ def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, la
             mlp.to(device or info.device)
     state = RoutingState(info.num_blocks, routers, lam, lam_rule, devices if any(devices) else ())
     for i, layer in enumerate(base.layers):
-        _replace(state, layer, "forward", routed_block(layer.forward, i, state, cache_kwarg(type(layer).forward)))
+        _replace(state, layer, "forward", routed_block(layer, i, state, cache_kwarg(type(layer).forward)))
     _replace(state, base, "forward", _routed_model_forward(base, base.forward, state))
     if model is not base and hasattr(model, "prepare_inputs_for_generation"):
         _replace(state, model, "prepare_inputs_for_generation", _with_routing_mask(model.prepare_inputs_for_generation))
@@ -125,6 +127,38 @@ def unpatch(model: nn.Module) -> nn.Module:
         else:
             setattr(module, name, before)  # e.g. an accelerate hook's forward
     delattr(base, STATE_ATTR)
+    return model
+
+
+def compile(model: nn.Module, **options) -> nn.Module:
+    """Compile the decoder blocks of a patched ``model`` for decoding (regional compilation); returns it.
+
+    One ``torch.compile`` of the block class's ``forward`` serves every block,
+    pass and path: parameters and cache slots are inputs of the graph, so the
+    graphs compiled depend on the batch and cache kinds, never on the paths
+    (there are 3^L of them), and a prompt with a new path compiles nothing.
+    Decode steps run the compiled blocks; the prefill (whole prompts of any
+    length, and the routers) and the routing between blocks stay eager.
+    ``options`` go to ``torch.compile`` (e.g. ``mode="reduce-overhead"`` for
+    CUDA graphs). Compiling the whole model (``torch.compile(model.forward)``,
+    or transformers' own compilation for static caches) also works: the
+    routed forward is left to run eagerly inside it.
+    """
+    state = _require_state(model)
+    layers = describe(model).base.layers
+    hooked = [i for i, layer in enumerate(layers) for module, name, before in state.saved
+              if module is layer and name == "forward" and before is not _ABSENT]  # fmt: skip
+    if hooked:
+        raise ValueError(
+            f"blocks {hooked} have their own forward (accelerate hooks?): drllm.compile compiles the block class's "
+            "forward and would bypass them; compile a model that is not dispatched with accelerate"
+        )
+    if len({type(layer) for layer in layers}) != 1:
+        raise ValueError("drllm.compile needs every decoder block to be of one class")
+    # Every model compiled this way shares the block class's code object, and with it dynamo's
+    # limit on recompilations (per batch size class, mask kind and cache kind): leave room for them.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    state.compiled = torch.compile(type(layers[0]).forward, **{"fullgraph": True, **options})
     return model
 
 
@@ -251,6 +285,7 @@ def _prefix_plan(decisions: torch.Tensor, states: list, sources: torch.Tensor, d
 
 
 def _routed_model_forward(base: nn.Module, original, state: RoutingState):
+    """The patched model forward: one routing call per forward, run eagerly even inside a compiled caller."""
     signature = inspect.signature(type(base).forward.__get__(base))  # the class's: an instance hook may hide it
     name = cache_kwarg(type(base).forward)
 
@@ -305,7 +340,7 @@ def _routed_model_forward(base: nn.Module, original, state: RoutingState):
         state.local.last = call.decisions
         return out
 
-    return forward
+    return torch.compiler.disable(forward)
 
 
 def _pool_mask(attention_mask, routing_mask, batch: int, length: int, device) -> torch.Tensor:
