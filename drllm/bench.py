@@ -17,6 +17,13 @@ Four suites (``drllm bench``, ``benchmarks/bench_runtime.py``):
 4. ``policy``: passes that only some rows take, run by gathering those rows
    against running every row and selecting (``drllm.runtime.executor``'s
    row policy), to place the crossover.
+5. ``compile``: compiled routed decoding against the compiled vanilla model
+   (:mod:`drllm.bench_compile`).
+6. ``kernels``: the row ops' bandwidth against a plain copy of the same bytes
+   (:mod:`drllm.bench_kernels`).
+
+:func:`targets` states each goal next to the measured value, so a reader of
+the JSON sees at once what was met.
 
 Every figure is a ratio against vanilla timed in the same run; variants are
 interleaved (one repeat of each in turn) and medians taken, so a loaded
@@ -76,7 +83,7 @@ def random_model(name: str, device="cpu", dtype: torch.dtype | None = None, seed
 
 @dataclass
 class BenchConfig:
-    suites: tuple = ("routing", "generation", "throughput", "policy")
+    suites: tuple = ("routing", "generation", "throughput", "policy", "compile", "kernels")
     repeats: int = 3
     prefill_lengths: tuple = (128, 512, 2048)
     prompt_length: int = 32
@@ -87,6 +94,8 @@ class BenchConfig:
     policy_batches: tuple = (4, 16, 64)
     policy_fractions: tuple = (0.25, 0.5, 0.75, 0.9)
     policy_tokens: int = 16
+    compile_tokens: int = 64
+    compile_mode: str | None = None  # torch.compile mode of suite compile ("reduce-overhead": CUDA graphs)
     warmup: bool = True  # an untimed round of every variant before the timed ones
     seed: int = 0
 
@@ -96,16 +105,17 @@ class BenchConfig:
         if quick:
             cfg = cls(repeats=1, prefill_lengths=(128, 512), prompt_length=16, gen_tokens=(4, 8),
                       batch_sizes=(1, 4, 16), throughput_tokens=4, policy_batches=(8, 32),
-                      policy_fractions=(0.5, 0.875), policy_tokens=2, warmup=False)
+                      policy_fractions=(0.5, 0.875), policy_tokens=2, compile_tokens=8, warmup=False)
             if cuda:
                 cfg = cls(repeats=3, gen_tokens=(64, 128), batch_sizes=(1, 8, 32, 128), throughput_tokens=32,
-                          policy_batches=(8, 128), policy_fractions=(0.5, 0.875))
+                          policy_batches=(8, 128), policy_fractions=(0.5, 0.875), compile_tokens=64,
+                          compile_mode="reduce-overhead")
         else:
             cfg = cls()
             if cuda:
                 cfg = cls(repeats=5, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128), throughput_tokens=64,
                           policy_batches=(4, 16, 64, 128), policy_fractions=(0.25, 0.5, 0.75, 0.9, 0.97),
-                          policy_tokens=32)
+                          policy_tokens=32, compile_tokens=128, compile_mode="reduce-overhead")
         for name, value in overrides.items():
             if value is not None:
                 setattr(cfg, name, value)
@@ -221,6 +231,11 @@ def interleaved(variants: dict, repeats: int, device: torch.device, warmup: bool
     return {name: {"median": statistics.median(s), "all": s} for name, s in samples.items()}
 
 
+def self_noise(res: dict) -> float:
+    """The run's noise: the largest relative gap between the vanilla model and itself over interleaved repeats."""
+    return max(abs(a / b - 1) for a, b in zip(res["vanilla (again)"]["all"], res["vanilla"]["all"]))
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -331,6 +346,7 @@ def bench_generation(model, cfg: BenchConfig, log=print) -> list[dict]:
     for n in cfg.gen_tokens:
         gen = lambda n=n: _generate(model, ids, n)  # noqa: E731
         variants = {"vanilla": _variant(gen, lambda: contextlib.nullcontext(_plain(model))),
+                    "vanilla (again)": _variant(gen, lambda: contextlib.nullcontext(_plain(model))),
                     "all-execute": _variant(gen, lambda: _routed(model))}
         ks = [k for k in cfg.skip_counts if k < L]
         for k in ks:
@@ -338,12 +354,13 @@ def bench_generation(model, cfg: BenchConfig, log=print) -> list[dict]:
         variants["all-skip"] = _variant(gen, lambda: _routed(model, torch.zeros(L, dtype=torch.int64)))
         res = interleaved(variants, cfg.repeats, device, cfg.warmup)
         v, fixed = res["vanilla"]["median"], res["all-skip"]["median"]
+        noise = self_noise(res)
         for name, k in [("all-execute", 0)] + [(f"skip {k}", k) for k in ks]:
             t = res[name]["median"]
             ideal = (fixed + (L - k) / L * (v - fixed)) / v
             row = {"new_tokens": n, "variant": name, "skipped": k, "blocks": L - k, "ms": 1e3 * t,
                    "vanilla_ms": 1e3 * v, "fixed_ms": 1e3 * fixed, "ratio": t / v, "ideal_ratio": ideal,
-                   "of_ideal_speedup": ideal * v / t, "samples": res[name]["all"]}
+                   "of_ideal_speedup": ideal * v / t, "noise": noise, "samples": res[name]["all"]}
             rows.append(row)
             log(f"  generation {n} tokens {name}: x{row['ratio']:.3f} of vanilla ({1e3 * v / n:.1f} ms/token), "
                 f"ideal x{ideal:.3f}, {100 * row['of_ideal_speedup']:.1f}% of ideal speedup")
@@ -444,8 +461,22 @@ def crossover(policy_rows: list[dict]) -> dict:
     return out
 
 
+def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
+    """Suite 5 (:mod:`drllm.bench_compile`)."""
+    from .bench_compile import bench_compile as suite
+
+    return suite(model, cfg, log=log)
+
+
+def bench_kernels(model, cfg: BenchConfig, log=print) -> list[dict]:
+    """Suite 6 (:mod:`drllm.bench_kernels`)."""
+    from .bench_kernels import bench_kernels as suite
+
+    return suite(model, cfg, log=log)
+
+
 SUITES = {"routing": bench_routing, "generation": bench_generation, "throughput": bench_throughput,
-          "policy": bench_policy}
+          "policy": bench_policy, "compile": bench_compile, "kernels": bench_kernels}
 
 
 def run(model, cfg: BenchConfig, log=print, model_name: str | None = None) -> dict:
@@ -482,6 +513,9 @@ def run(model, cfg: BenchConfig, log=print, model_name: str | None = None) -> di
         results.setdefault("seconds", {})[name] = time.perf_counter() - start
     if "policy" in results["suites"]:
         results["policy_crossover"] = crossover(results["suites"]["policy"])
+    from .bench_targets import targets
+
+    results["targets"] = targets(results, device)
     info["seconds"] = time.perf_counter() - total
     return results
 
@@ -522,4 +556,22 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list]]]:
                                                              "select / gather", "us per partial pass"],
                     [[r["batch"], f"{r['active_fraction']:.2f}", f"{r['gather_ms']:.0f}", f"{r['select_ms']:.0f}",
                       f"{r['select_vs_gather']:.3f}", f"{r['per_pass_us']:+.1f}"] for r in s["policy"]]))
+    if "compile" in s:
+        rows = [r for r in s["compile"] if r["variant"] != "summary"]
+        summary = next(r for r in s["compile"] if r["variant"] == "summary")
+        out.append((f"compiled decoding (batch 1, static cache, {summary['new_tokens']} tokens; noise "
+                    f"{100 * summary['noise']:.1f}%, {summary['graphs_compiled']} graphs, "
+                    f"{summary['graphs_after_warmup']} after the first round)",
+                    ["path", "blocks", "ms", "vs compiled vanilla", "ideal", "of ideal speedup", "compile s"],
+                    [[r["variant"], r["blocks"], f"{r['ms']:.0f}", f"{r['ratio']:.3f}", f"{r['ideal_ratio']:.3f}",
+                      f"{100 * r['of_ideal_speedup']:.1f}%", f"{r['compile_s']:.1f}"] for r in rows]))
+    if "kernels" in s:
+        out.append(("kernels against a copy of the same bytes", ["op", "backend", "dtype", "GB/s", "copy GB/s",
+                                                                "share of copy", "us per op"],
+                    [[r["op"], r["backend"], r["dtype"], f"{r['GB_s']:.1f}", f"{r['copy_GB_s']:.1f}",
+                      f"{100 * r['share_of_copy']:.0f}%", f"{r['us_per_op']:.1f}"] for r in s["kernels"]]))
+    if results.get("targets"):
+        out.append(("targets", ["goal", "value", "target", "met"],
+                    [[name, f"{t['value']:.3f}", f"{t['op']} {t['target']:.3f}", "yes" if t["met"] else "NO"]
+                     for name, t in results["targets"].items()]))
     return out

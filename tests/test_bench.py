@@ -26,6 +26,7 @@ def test_bench_command_end_to_end_writes_json(tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "bench.json"
     argv = ["bench", "--quick", "--model", "random:tiny", "--json", str(out), "--prefill-lengths", "16,32",
+            "--suites", "routing,generation,throughput,policy",
             "--gen-tokens", "2,3", "--batch-sizes", "1,3", "--policy-batches", "4", "--tokens", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -50,6 +51,43 @@ def test_bench_command_end_to_end_writes_json(tmp_path, capsys, monkeypatch):
     assert {(r["batch"], r["active_fraction"]) for r in suites["policy"]} == {(4, 0.5), (4, 0.75)}
     assert set(data["policy_crossover"]) == {"4"}
     assert executor.row_policy()["policy"] == "auto", "the bench restores the row policy"
+    _check_targets(data, {"routing_overhead_T32", "all_execute_vs_vanilla_eager", "fixed_path_share_of_ideal_eager",
+                          "throughput_B1_share_of_bound", "throughput_B3_share_of_bound"})
+
+
+def _check_targets(data: dict, names: set) -> None:
+    """Every target states its value, goal and comparison, and `met` is that comparison."""
+    targets = data["targets"]
+    assert set(targets) == names
+    for t in targets.values():
+        assert t["op"] in ("<=", ">=") and t["what"]
+        assert t["met"] == (t["value"] <= t["target"] if t["op"] == "<=" else t["value"] >= t["target"])
+
+
+def test_bench_compile_and_kernels_suites(tmp_path, capsys, monkeypatch):
+    """`drllm bench --suites compile --quick`: compiled vanilla against compiled routed decoding, with targets."""
+    from drllm.cli import main
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--model", "random:tiny", "--suites", "compile,kernels", "--prefill-lengths", "64",
+            "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "compiled decoding" in printed and "## targets" in printed
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["suites"]["compile"]}
+    assert set(rows) == {"vanilla (again)", "all-execute", "skip 3", "skip 5", "routers", "summary"}
+    summary = rows.pop("summary")
+    assert summary["graphs_compiled"] > 0 and summary["noise"] >= 0 and len(summary["decided_path"]) == 8
+    for name, r in rows.items():
+        assert r["ms"] > 0 and r["ratio"] > 0 and 0 < r["ideal_ratio"] <= 1
+        assert r["blocks"] == {"skip 3": 5, "skip 5": 3}.get(name, r["blocks"])
+    assert rows["routers"]["blocks"] == sum(summary["decided_path"])
+    assert {r["op"] for r in data["suites"]["kernels"]} == {"gather_rows", "scatter_rows", "pooled_router_logits"}
+    assert all(r["GB_s"] > 0 and r["share_of_copy"] > 0 for r in data["suites"]["kernels"])
+    _check_targets(data, {"all_execute_vs_vanilla_compiled", "fixed_path_share_of_ideal_compiled",
+                          "compiled_graphs_after_first_round"})
 
 
 def test_bench_refuses_a_patched_model_and_unknown_suites():
@@ -157,10 +195,11 @@ def test_select_policy_plans_and_slot_rows(policy):
     ids, mask = random_batch(4, 6, seed=25)
     paths = torch.tensor([[1, 0, 2, 1], [1, 1, 1, 1], [0, 1, 2, 1], [1, 1, 1, 2]])
     policy("auto", select_from=0.5)  # select when at least half of the rows run the pass
-    plan = executor.plan_block(paths[:, 0], torch.device("cpu"))
+    current, cpu = executor._POLICY.get(), torch.device("cpu")
+    plan = executor.plan_block(paths[:, 0], cpu, current, {})
     assert plan[0].mode == executor.SELECT and plan[0].mask.shape == (4, 1, 1) and plan[1].mode == executor.NONE
-    assert executor.plan_block(paths[:, 2], torch.device("cpu"))[1].mode == executor.SELECT
-    assert executor.plan_block(paths[:, 3], torch.device("cpu"))[1].mode == executor.SOME  # 1 of 4 rows
+    assert executor.plan_block(paths[:, 2], cpu, current, {})[1].mode == executor.SELECT
+    assert executor.plan_block(paths[:, 3], cpu, current, {})[1].mode == executor.SOME  # 1 of 4 rows
     with drllm.forced_paths(model, paths):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         rows = [layer.keys.shape[0] if layer.is_initialized else 0 for layer in output_cache(out).layers]

@@ -285,3 +285,29 @@ def test_backend_and_row_policy_choices_belong_to_the_calling_thread():
     finally:
         ops.set_backend(previous_backend)
         executor.restore_row_policy(previous_policy)
+
+
+@torch.no_grad()
+def test_routed_paths_keep_the_search_constraint_on_skip_runs():
+    """Routers that want to skip everything skip at most two blocks in a row, unless the limit is lifted."""
+    model = tiny_model("llama", num_layers=7)
+    routers = drllm.Routers.for_model(model)
+    for mlp in routers.mlps:
+        mlp.fc2.bias.data = torch.tensor([50.0, 0.0, 0.0])
+    ids, mask = random_batch(3, 8, seed=2)
+    drllm.patch(model, routers)
+    model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(drllm.last_paths(model), torch.tensor([[0, 0, 1] * 2 + [0]] * 3))
+    drllm.set_lam(model, -1.0)  # the knob's end is "skip every block"
+    model(input_ids=ids, attention_mask=mask)
+    assert (drllm.last_paths(model) == 0).all()
+    with drllm.forced_paths(model, torch.zeros(7, dtype=torch.long)):  # forced paths are never changed
+        model(input_ids=ids, attention_mask=mask)
+        assert (drllm.last_paths(model) == 0).all()
+    drllm.unpatch(model)
+    drllm.patch(model, routers, max_skip_run=None)
+    model(input_ids=ids, attention_mask=mask)
+    assert (drllm.last_paths(model) == 0).all()
+    drllm.unpatch(model)
+    with pytest.raises(ValueError, match="max_skip_run"):
+        drllm.patch(model, routers, max_skip_run=-1)

@@ -15,13 +15,14 @@ def add_parser(subparsers) -> None:
         help="time the routed runtime against the vanilla model (ratios measured in the same run)",
         description="Suites: routing (routers vs prefill), generation (batch-1 latency of fixed paths vs vanilla "
         "and the ideal), throughput (tokens/s vs batch size, paper path statistics, union bound), policy "
-        "(gather/scatter vs run-all-and-select). --model random:llama-3.2-3b / random:llama-3.1-8b / random:tiny "
+        "(gather/scatter vs run-all-and-select), compile (compiled routed decoding vs compiled vanilla), kernels "
+        "(row ops and pooling vs copy bandwidth). --json also states every target next to its value. --model random:llama-3.2-3b / random:llama-3.1-8b / random:tiny "
         "builds a random-weight Llama of that configuration.",
     )
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a 2-core CPU)")
     p.add_argument("--suites", default=None,
-                   help="comma-separated subset of routing,generation,throughput,policy (default: all)")
+                   help="comma-separated subset of routing,generation,throughput,policy,compile,kernels (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of each variant (median taken)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on the CPU: 1, which keeps timings steady on a shared machine; "

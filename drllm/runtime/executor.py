@@ -206,6 +206,7 @@ class Call:
     routers: object = None
     lam: float = 0.0
     lam_rule: str = "shift"
+    max_skip_run: int | None = None  # routed decisions never skip more consecutive blocks (None: no limit)
     pool_mask: torch.Tensor | None = None
     observer: Callable | None = None
     inject: dict = field(default_factory=dict)  # block -> (row index, states entering that block)
@@ -240,9 +241,22 @@ class Call:
             if self.pooling is None:
                 self.pooling = Pooling(self.routers, self.pool_mask)
             logits = self.pooling.logits(block, hidden)
-            self.decisions[:, block] = choose(logits, self.lam, self.lam_rule).cpu()
+            self.decisions[:, block] = self.constrain(block, choose(logits, self.lam, self.lam_rule).cpu())
             self.plan[block] = self.plan_rows(self.decisions[:, block], hidden.device)
         return hidden, self.plan[block]
+
+    def constrain(self, block: int, decided: torch.Tensor) -> torch.Tensor:
+        """``decided`` with a skip turned into an execution where it would make too long a run of skips.
+
+        The search never explores such paths (``SearchConfig.max_skip_run``),
+        so routers have never seen them work. ``lam = +-1`` are the knob's
+        ends (all skip, all repeat) and are not constrained.
+        """
+        run = self.max_skip_run
+        if run is None or block < run or abs(self.lam) >= 1:
+            return decided
+        skipped_before = (self.decisions[:, block - run : block] == 0).all(dim=1)
+        return torch.where(skipped_before & (decided == 0), torch.ones_like(decided), decided)
 
     def subset(self, kwargs: dict, index: torch.Tensor) -> dict:
         """``kwargs`` restricted to the rows ``index``.

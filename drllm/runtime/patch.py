@@ -31,6 +31,7 @@ class RoutingState:
     routers: Routers | None = None
     lam: float = 0.0
     lam_rule: str = "shift"
+    max_skip_run: int | None = 2
     devices: tuple = ()  # per block: its accelerate execution device, or None
     saved: list = field(default_factory=list)  # (module, attribute, instance value before the patch or _ABSENT)
     local: threading.local = field(default_factory=threading.local)  # .last: decisions of this thread's last call
@@ -86,13 +87,16 @@ def _replace(state: RoutingState, module: nn.Module, name: str, value) -> None:
     setattr(module, name, value)
 
 
-def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, lam_rule: str = "shift") -> nn.Module:
+def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, lam_rule: str = "shift",
+          max_skip_run: int | None = 2) -> nn.Module:
     """Route ``model`` (a loaded HF decoder model) in place and return it.
 
     Each row's path is decided once, on the prompt, by ``routers`` (or set by
     :func:`forced_paths`); without routers every block executes once.
     ``lam`` in [-1, 1] moves decisions towards skip or repeat (see
-    :func:`drllm.runtime.executor.choose` for ``lam_rule``). Works on models
+    :func:`drllm.runtime.executor.choose` for ``lam_rule``). Routed paths keep
+    the search's constraint: no more than ``max_skip_run`` consecutive skipped
+    blocks (None lifts it; forced paths are never changed). Works on models
     dispatched with accelerate: each router runs on its block's device.
     :func:`unpatch` restores the instance exactly.
     """
@@ -101,12 +105,14 @@ def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, la
     if getattr(base, STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched: call drllm.unpatch(model) before patching it again")
     lam, lam_rule = _check_lam(lam, lam_rule)
+    if max_skip_run is not None and (not isinstance(max_skip_run, int) or max_skip_run < 0):
+        raise ValueError(f"max_skip_run must be a count of blocks >= 0 or None, got {max_skip_run!r}")
     devices = tuple(dispatched_device(layer) for layer in base.layers)
     if routers is not None:
         routers.check_compatible(info.model_type, info.hidden_size, info.num_blocks)
         for mlp, device in zip(routers.mlps, devices):
             mlp.to(device or info.device)
-    state = RoutingState(info.num_blocks, routers, lam, lam_rule, devices if any(devices) else ())
+    state = RoutingState(info.num_blocks, routers, lam, lam_rule, max_skip_run, devices if any(devices) else ())
     for i, layer in enumerate(base.layers):
         _replace(state, layer, "forward", routed_block(layer, i, state, cache_kwarg(type(layer).forward)))
     _replace(state, base, "forward", _routed_model_forward(base, base.forward, state))
@@ -263,6 +269,7 @@ def _prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask
         routers=state.routers,
         lam=state.lam,
         lam_rule=state.lam_rule,
+        max_skip_run=state.max_skip_run,
         pool_mask=pool_mask(),
         **common,
     )

@@ -1,0 +1,104 @@
+"""Suite ``compile``: compiled routed decoding against the compiled vanilla model (batch 1, static cache).
+
+The vanilla model is compiled the way transformers users already run it
+(``model.forward = torch.compile(model.forward)``, static cache); the routed
+model is a patched copy compiled with :func:`drllm.compile` (its blocks,
+regionally). Every variant runs ``generate`` with transformers' own
+auto-compilation off, interleaved with the others; a second vanilla variant
+gives the run's noise (the spread of vanilla against itself). The first
+round is untimed: it compiles, and its extra time is reported as compile time.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+
+import torch
+
+from .bench import BenchConfig, _tokens, interleaved, self_noise, skip_path
+
+
+def confident_routers(model, seed: int):
+    """Random routers with well-separated logits: they decide a path of their own for the prompt."""
+    import drllm
+
+    torch.manual_seed(seed)
+    routers = drllm.Routers.for_model(model)
+    with torch.no_grad():
+        for mlp in routers.mlps:
+            mlp.fc2.weight.mul_(30.0)
+            mlp.fc2.bias.copy_(torch.tensor([0.0, 4.0, 0.0]))  # mostly execute, as trained routers do
+    return routers
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
+    """Compiled vanilla vs compiled routed decode: fixed paths, router-decided paths, compile time and graphs."""
+    import drllm
+
+    device = model.device
+    L = model.config.num_hidden_layers
+    n = cfg.compile_tokens
+    options = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+    ids = _tokens(model, 1, cfg.prompt_length, cfg.seed)
+
+    def generate(m):
+        with torch.no_grad():
+            return m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, cache_implementation="static", disable_compile=True)
+
+    vanilla = copy.deepcopy(model)
+    vanilla.forward = torch.compile(vanilla.forward, **options)
+    routed = drllm.compile(drllm.patch(model, confident_routers(model, cfg.seed)), **options)
+    paths = {"all-execute": torch.ones(L, dtype=torch.int64), "all-skip": torch.zeros(L, dtype=torch.int64)}
+    paths.update({f"skip {k}": skip_path(L, k) for k in cfg.skip_counts if k < L})
+
+    def forced(path):
+        def setup():
+            ctx = drllm.forced_paths(routed, path)
+            ctx.__enter__()
+            return lambda: generate(routed), lambda: ctx.__exit__(None, None, None)
+
+        return setup
+
+    plain = lambda m: lambda: (lambda: generate(m), lambda: None)  # noqa: E731
+    variants = {"vanilla": plain(vanilla), "vanilla (again)": plain(vanilla), "routers": plain(routed)}
+    variants.update({name: forced(path) for name, path in paths.items()})
+    try:
+        before = _graphs()
+        first = interleaved(variants, 1, device, warmup=False)  # compiles
+        compiled_graphs = _graphs() - before
+        res = interleaved(variants, cfg.repeats, device, warmup=False)
+        recompiled = _graphs() - before - compiled_graphs
+        generate(routed)
+        decided = drllm.last_paths(routed)[0]
+    finally:
+        drllm.unpatch(model)
+        del vanilla
+    v = res["vanilla"]["median"]
+    fixed = res["all-skip"]["median"]
+    noise = self_noise(res)
+    rows = []
+    for name in ["vanilla (again)", "all-execute", *[k for k in paths if k.startswith("skip")], "routers"]:
+        blocks = int(decided.sum()) if name == "routers" else (L if name.startswith("vanilla") else int(paths[name].sum()))
+        ideal = (fixed + blocks / L * (v - fixed)) / v
+        t = res[name]["median"]
+        row = {"variant": name, "blocks": blocks, "ms": 1e3 * t, "vanilla_ms": 1e3 * v, "fixed_ms": 1e3 * fixed,
+               "ratio": t / v, "ideal_ratio": ideal, "of_ideal_speedup": ideal * v / t,
+               "compile_s": max(0.0, first[name]["median"] - t), "samples": res[name]["all"]}
+        rows.append(row)
+        log(f"  compiled {name}: x{row['ratio']:.3f} of compiled vanilla ({1e3 * v / n:.1f} ms/token), blocks {blocks}, "
+            f"ideal x{ideal:.3f}, {100 * row['of_ideal_speedup']:.1f}% of ideal speedup")
+    summary = {"variant": "summary", "noise": noise, "new_tokens": n, "graphs_compiled": compiled_graphs,
+               "graphs_after_warmup": recompiled, "decided_path": decided.tolist(),
+               "vanilla_compile_s": max(0.0, first["vanilla"]["median"] - v),
+               "median_ms": {k: 1e3 * statistics.median(r["all"]) for k, r in res.items()}}
+    log(f"  compiled: noise (vanilla vs itself) {100 * noise:.1f}%, {compiled_graphs} graphs compiled, "
+        f"{recompiled} after the first round")
+    return rows + [summary]
