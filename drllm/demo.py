@@ -10,10 +10,11 @@ the pipeline imports it when it runs.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .commands.common import format_table, write_json_atomic
+from .commands.train import selection_lines
 from .models import DEFAULT_MODEL
 
 TASK = "arc_easy"
@@ -23,16 +24,20 @@ TASK = "arc_easy"
 class DemoSettings:
     """Sizes of each stage; ``n_eval=None`` evaluates the whole validation split.
     ``min_margin``: how decisively a searched path must win to be learned
-    (:func:`drllm.train.label_path`). ``probe_skips``: also probe every
-    single-block skip on the searched items, so items without a decisive path
-    teach the skip they share (:func:`drllm.search.shared_skip`)."""
+    (:func:`drllm.train.label_path`), and ``lam`` the control knob; None
+    chooses each from its grid on the dev part of the searched items
+    (:func:`drllm.train.select_routers`), a value fixes it. ``probe_skips``:
+    also probe every single-block skip on the searched items, so items
+    without a decisive path teach the skip the train part shares
+    (:func:`drllm.train.train_shared_skip`)."""
 
     n_search: int
     simulations: int
     n_eval: int | None
     epochs: int = 25
     seed: int = 0
-    min_margin: float | None = None  # None: TrainConfig's default
+    min_margin: float | None = None  # None: chosen on the dev part
+    lam: float | None = None  # None: chosen on the dev part
     probe_skips: bool = False
 
 
@@ -81,10 +86,8 @@ def run_demo(
     from .routers import Routers
     from .search import SearchConfig, block_gains, probe_skips, run_search
     from .tasks import load_task
-    from .train import TrainConfig, train_routers
+    from .train import LAMS, MARGINS, TrainConfig, select_routers
 
-    if settings.min_margin is None:
-        settings = replace(settings, min_margin=TrainConfig.min_margin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -112,16 +115,20 @@ def run_demo(
                                                         config=search_config, progress=progress))
         lap("skip probe")
 
-    training = train_routers(
+    # the knobs are chosen on the dev part of the searched train items; validation is read once, below
+    selection = select_routers(
         model, tokenizer, out / "paths.jsonl", out / "routers",
-        config=TrainConfig(epochs=settings.epochs, seed=settings.seed, min_margin=settings.min_margin,
-                           progress=progress, device=str(model.device)),
-        skips_file=skips_file,
+        config=TrainConfig(epochs=settings.epochs, seed=settings.seed, progress=progress, device=str(model.device)),
+        margins=MARGINS if settings.min_margin is None else [settings.min_margin],
+        lams=LAMS if settings.lam is None else [settings.lam],
+        skips_file=skips_file, examples={e.id: e for e in train_items},
     )
+    training = selection.pop("run")
     lap("train")
 
     with torch.no_grad():
-        result = evaluate(model, tokenizer, Routers.from_pretrained(out / "routers"), val_items, reward="loglik")
+        result = evaluate(model, tokenizer, Routers.from_pretrained(out / "routers"), val_items, reward="loglik",
+                          lam=selection["lam"])
     lap("eval")
 
     figures = [
@@ -134,7 +141,9 @@ def run_demo(
         "settings": asdict(settings),
         "search": search,
         "train": {k: training[k] for k in ("final", "records", "default_labels", "shared_skip", "shared_labels",
-                                           "class_counts", "class_weights", "train", "val", "train_seconds")},
+                                           "thin_labels", "class_counts", "class_weights", "train", "dev",
+                                           "train_seconds")},
+        "selection": selection,
         "vanilla": result["vanilla"],
         "routed": result["routed"],
         "difference": result["difference"],
@@ -151,13 +160,13 @@ def run_demo(
 
 def _shared_line(train: dict) -> str:
     if train["shared_skip"] is None:
-        return "No single-block skip was probed, or every one lost more items than it gained."
-    return (f"Single-block skip probe: block {train['shared_skip']} is the skip the items share; "
+        return "No single-block skip was probed, or every one lost more items of the train part than it gained."
+    return (f"Single-block skip probe: block {train['shared_skip']} is the skip the train part's items share; "
             f"{train['shared_labels']} items teach it.")
 
 
 def _write_report(path: Path, summary: dict, result: dict) -> None:
-    s, t, d = summary["search"], summary["train"], summary["difference"]
+    s, t, c, d = summary["search"], summary["train"], summary["selection"], summary["difference"]
     stages = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
     settings = format_table(["setting", "value"], [[k, "all" if v is None else v]
                                                    for k, v in summary["settings"].items()])
@@ -175,11 +184,19 @@ mean layers saved per pass by the best path {s['mean_layers_saved']:.2f}, improv
 
 ## Router training
 
-{t['records']} searched items; a path is learned only if the gold answer wins by a margin of at least
-{summary['settings']['min_margin']} (normalised log-likelihood): {t['default_labels']} items teach the default path.
+{t['records']} searched items: {t['train']} train, {t['dev']} dev (seed {c['seed']}). A path is learned only if
+the gold answer wins by a margin of at least {c['min_margin']:g} (normalised log-likelihood):
+{t['default_labels']} items teach the default path. A skip or repeat taught at a block by fewer than
+{c['min_block_labels']} train items is taught as execute ({t['thin_labels']} block decisions).
 {_shared_line(t)}
 
-## Vanilla vs routed ({summary['n_eval']} validation items)
+## Knobs chosen on the dev part
+
+```
+{selection_lines(c)}
+```
+
+## Vanilla vs routed ({summary['n_eval']} validation items, λ {c['lam']:g})
 
 {results_table(result)}
 

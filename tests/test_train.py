@@ -213,7 +213,8 @@ def test_training_with_skip_probes_teaches_the_shared_skip(setup, tmp_path):
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(epochs=6, batch_size=16, val_fraction=0.2, progress=False, cache_dir=str(tmp_path / "cache"))
+    base = dict(epochs=6, batch_size=16, dev_fraction=0.2, min_block_labels=0, progress=False,
+                cache_dir=str(tmp_path / "cache"))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -223,8 +224,8 @@ def test_learns_prompt_dependent_policy(setup, tmp_path):
     records = synthetic_records(150, seed=1)
     f = write_jsonl(tmp_path / "paths.jsonl", records)
     result = train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=25, lr=3e-3))
-    val = result["final"]["val"]
-    assert result["val"] == 30 and result["train"] == 120
+    val = result["final"]["dev"]
+    assert result["dev"] == 30 and result["train"] == 120
     assert min(val["per_layer_accuracy"]) >= 0.95, val["per_layer_accuracy"]
     assert val["macro_f1"] >= 0.95
     assert set(val["per_class"]) == {"skip", "execute", "repeat"}
@@ -262,13 +263,13 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(setup, tmp_path):
     with pytest.raises(Stop):
         train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path), callback=stop_at_3)
     ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
-    assert ckpts == ["epoch-0003"]  # atomic folders only, older ones pruned
+    assert ckpts == ["best", "epoch-0003"]  # atomic folders only, older epochs pruned; the best epoch's routers
     # round trip: the checkpoint's routers load as saved
     saved = drllm.Routers.from_pretrained(tmp_path / "part" / "checkpoints" / "epoch-0003")
     assert saved.config["num_blocks"] == L
     resumed = train_routers(model, tok, f, tmp_path / "part", config=_cfg(tmp_path))
     assert resumed["resumed_from"] == 3
-    assert resumed["history"] == full["history"]
+    assert resumed["history"] == full["history"] and resumed["epoch"] == full["epoch"]
     a = drllm.Routers.from_pretrained(tmp_path / "full").state_dict()
     b = drllm.Routers.from_pretrained(tmp_path / "part").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -302,12 +303,13 @@ def test_train_command(setup, tmp_path, capsys):
     f = write_jsonl(tmp_path / "paths.jsonl", synthetic_records(30, seed=4, null_every=5))
     rc = main(["train", "--model", str(tmp_path / "model"), "--device", "cpu", "--paths", str(f),
                "--out", str(tmp_path / "routers"), "--epochs", "2", "--batch-size", "8", "--no-progress",
-               "--json", str(tmp_path / "train.json")])
+               "--min-margin", "0.2", "--lam", "0", "--min-block-labels", "0", "--json", str(tmp_path / "train.json")])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "30 examples (6 teach the default path)" in out and "macro F1" in out
+    assert "30 examples (6 teach the default path, 0 thin block decisions taught as execute)" in out
+    assert "macro F1" in out and "min_margin 0.2, lambda 0" in out and "nothing to choose" in out
     payload = json.loads((tmp_path / "train.json").read_text())
-    assert len(payload["history"]) == 2 and payload["train"] + payload["val"] == 30
+    assert len(payload["run"]["history"]) == 2 and payload["train"] + payload["dev"] == 30
     assert drllm.Routers.from_pretrained(tmp_path / "routers").num_blocks == L
 
 
@@ -406,7 +408,7 @@ def test_repeated_ids_keep_the_first_record_with_a_warning(setup, tmp_path):
     assert all(r["label"] != "2222" for r in loaded)
     with pytest.warns(UserWarning, match="3 records repeat an id"):
         result = train_routers(model, tok, f, tmp_path / "routers", config=_cfg(tmp_path, epochs=1))
-    assert result["records"] == 10 and result["train"] + result["val"] == 10
+    assert result["records"] == 10 and result["train"] + result["dev"] == 10
 
 
 def test_second_trainer_into_one_folder_fails_at_once(setup, tmp_path):

@@ -7,7 +7,8 @@ import dataclasses
 
 from ..demo import DEFAULT, QUICK
 from ..models import cache_dir
-from .common import add_data_args, add_device_arg, add_json_arg, positive_int, write_json_atomic
+from .common import add_data_args, add_device_arg, add_json_arg, lam_value, positive_int, write_json_atomic
+from .train import margin_value, selection_lines
 
 
 def default_out(quick: bool) -> str:
@@ -38,8 +39,11 @@ def add_parser(subparsers) -> None:
                    help=f"router training epochs (default {DEFAULT.epochs})")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed of the search and the training (default {DEFAULT.seed})")
-    p.add_argument("--min-margin", type=float, default=None,
-                   help="learn a searched path only if the gold answer wins by this margin (see drllm train)")
+    p.add_argument("--min-margin", type=margin_value, default=None,
+                   help="learn a searched path only if the gold answer wins by this margin (see drllm train; "
+                        "default: chosen on the dev part of the searched items)")
+    p.add_argument("--lam", type=lam_value, default=None,
+                   help="control knob of the routers (default: chosen on the dev part of the searched items)")
     p.add_argument("--probe-skips", action=argparse.BooleanOptionalAction, default=None,
                    help="probe every single-block skip on the searched items and teach the one they share "
                         "where no searched path wins (see drllm search --probe-skips)")
@@ -54,13 +58,15 @@ def run(args) -> int:
 
     settings = QUICK if args.quick else DEFAULT
     overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin",
-                                                "probe_skips")
+                                                "lam", "probe_skips")
                  if getattr(args, k) is not None}
     settings = dataclasses.replace(settings, **overrides)
     out = args.out or default_out(args.quick)
     summary = run_demo(out, settings, model_name=args.model, data_dir=args.data_dir, device=args.device,
                        progress=not args.no_progress)
-    print(f"\nARC-Easy validation, {summary['n_eval']} items, log-likelihood scoring\n")
+    print("\n" + selection_lines(summary["selection"]))
+    print(f"\nARC-Easy validation, {summary['n_eval']} items, log-likelihood scoring, "
+          f"λ {summary['selection']['lam']:g}\n")
     print(summary["table"])
     print("\n" + " | ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
     print(f"\nreport, routers and figures in {out}")

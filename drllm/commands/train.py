@@ -1,40 +1,60 @@
-"""``drllm train``: routers from the paths found by ``drllm search``."""
+"""``drllm train``: routers from the paths found by ``drllm search``, knobs chosen on a dev part."""
 
 from __future__ import annotations
 
+import argparse
+
 from .common import (
-    add_json_arg, add_model_args, format_table, load_model_from_args, positive_int, refusals_are_user_errors,
-    write_json_atomic,
+    add_json_arg, add_model_args, format_table, lam_value, load_model_from_args, positive_int,
+    refusals_are_user_errors, write_json_atomic,
 )
 
 # Options that are TrainConfig fields: left out, they take its defaults (read when training starts, not to build
 # the parser, which must not import torch).
-CONFIG_OPTIONS = ("epochs", "min_margin", "batch_size", "lr", "weight_decay", "warmup_ratio", "gamma", "beta",
-                  "val_fraction", "seed", "num_windows", "extract_batch_size", "cache_dtype")
+CONFIG_OPTIONS = ("epochs", "min_block_labels", "batch_size", "lr", "weight_decay", "warmup_ratio", "gamma", "beta",
+                  "dev_fraction", "seed", "num_windows", "extract_batch_size", "cache_dtype")
+
+
+def margin_value(text: str) -> float:
+    """argparse type: a margin, a number >= 0."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train routers on searched paths (teacher forcing, cached features)",
-                              description="Hyper-parameters left out take the defaults of drllm.train.TrainConfig "
-                              "(AdamW on a focal loss; see its docstring).")
+                              description="The searched items are split into a train and a dev part; routers are "
+                              "trained on the train part once per --min-margin, and the margin, lambda and epoch are "
+                              "chosen on the dev part (drllm.train.select_routers). Hyper-parameters left out take "
+                              "the defaults of drllm.train.TrainConfig (AdamW on a focal loss; see its docstring).")
     add_model_args(p)
     p.add_argument("--paths", required=True, help="JSONL written by `drllm search`")
     p.add_argument("--skips", default=None, metavar="FILE",
                    help="skip probes from `drllm search --probe-skips`: items without a decisive path teach "
-                        "the single-block skip the probed items share, where their own probe allows")
-    p.add_argument("--out", required=True, help="output folder: routers, checkpoints/, cache/, train_metrics.json")
+                        "the single-block skip the train part's probed items share, where their own probe allows")
+    p.add_argument("--out", required=True,
+                   help="output folder: the chosen routers, selection.json, candidates/, cache/")
     p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training examples")
-    p.add_argument("--min-margin", type=float, default=None,
+    p.add_argument("--min-margin", type=margin_value, nargs="+", default=None, metavar="M",
                    help="learn a searched path only if the gold answer wins by this normalised log-likelihood "
-                        "margin (0: every correct path); records without one teach the default path")
+                        "margin (0: every correct path); records without one teach the default path. Several "
+                        "values: the one with the best dev accuracy (default: 0.1 0.2 0.4)")
+    p.add_argument("--lam", type=lam_value, nargs="+", default=None, metavar="LAMBDA",
+                   help="control knob values to choose from on the dev part (default: -0.25 0 0.25)")
+    p.add_argument("--dev-fraction", type=float, default=None,
+                   help="share of the searched items held out as the dev part (default 0.2)")
+    p.add_argument("--min-block-labels", type=int, default=None,
+                   help="learn a skip or repeat at a block only when at least this many train items teach it "
+                        "there; fewer teach execute (default 8)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="examples per optimisation step")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=None, help="share of steps in linear warmup")
     p.add_argument("--gamma", type=float, default=None, help="focal loss exponent")
     p.add_argument("--beta", type=float, default=None, help="effective-number class weights")
-    p.add_argument("--val-fraction", type=float, default=None, help="share of examples held out for validation")
-    p.add_argument("--seed", type=int, default=None, help="seed of initialisation, split and shuffling")
+    p.add_argument("--seed", type=int, default=None, help="seed of the dev split, initialisation and shuffling")
     p.add_argument("--num-windows", type=positive_int, default=None, help="pooling windows per prompt")
     p.add_argument("--extract-batch-size", type=positive_int, default=None,
                    help="prompts per base-model forward when computing features")
@@ -50,22 +70,26 @@ def add_parser(subparsers) -> None:
 
 @refusals_are_user_errors
 def run(args) -> int:
-    from ..train import CLASS_NAMES, TrainConfig, train_routers
+    from ..train import CLASS_NAMES, LAMS, MARGINS, TrainConfig, select_routers
 
     given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
     config = TrainConfig(**given, cache_dir=args.cache_dir, limit=args.limit, resume=not args.no_resume,
                          progress=not args.no_progress)
     model, tokenizer = load_model_from_args(args)
-    result = train_routers(model, tokenizer, args.paths, args.out, config=config, skips_file=args.skips)
+    selection = select_routers(model, tokenizer, args.paths, args.out, config=config,
+                               margins=args.min_margin or MARGINS, lams=args.lam or LAMS, skips_file=args.skips)
+    result = selection["run"]
     ex = result["extract"]
     if result["shared_skip"] is not None:
-        print(f"shared skip from the probes: block {result['shared_skip']} "
+        print(f"shared skip from the train part's probes: block {result['shared_skip']} "
               f"({result['shared_labels']} examples teach it)")
-    print(f"{result['records']} examples ({result['default_labels']} teach the default path): "
-          f"{result['train']} train, {result['val']} validation; features {ex['computed']} computed, "
+    print(f"{result['records']} examples ({result['default_labels']} teach the default path, "
+          f"{result['thin_labels']} thin block decisions taught as execute): {result['train']} train, "
+          f"{result['dev']} dev (seed {selection['seed']}); features {ex['computed']} computed, "
           f"{ex['cached']} cached, {ex['seconds']:.1f} s; training {result['train_seconds']:.1f} s")
+    print("\n" + selection_lines(selection))
     final = result["final"]
-    split = "val" if final["val"] else "train"
+    split = "dev" if final["dev"] else "train"
     m = final[split]
     print(f"\nepoch {final['epoch']} ({split}): accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
           f"mean path length {m['mean_pred_length']:.2f} (labels {m['mean_label_length']:.2f})")
@@ -77,5 +101,20 @@ def run(args) -> int:
     print("\nper-layer accuracy: " + " ".join(f"{a:.2f}" for a in acc))
     print(f"routers written to {args.out}")
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, selection)
     return 0
+
+
+def selection_lines(selection: dict) -> str:
+    """The chosen knobs and the dev figures they were chosen on, as printed by ``drllm train`` and the demo."""
+    head = (f"chosen on {selection['dev']} dev items: min_margin {selection['min_margin']:g}, "
+            f"lambda {selection['lam']:g}, epoch {selection['epoch']}")
+    if not selection["scored"]:
+        return head + " (nothing to choose: one value of each knob)"
+    v = selection["dev_vanilla"]
+    rows = [["vanilla", "-", "-", f"{v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", "-"]]
+    rows += [[f"min_margin {e['min_margin']:g}", f"{e['lam']:g}", str(e["epoch"]),
+              f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]", f"{e['blocks_per_pass']:.2f}"]
+             for e in selection["scored"]]
+    return head + f" ({selection['rule']})\n" + format_table(
+        ["dev candidate", "λ", "epoch", "dev accuracy [95% CI]", "blocks/pass"], rows)

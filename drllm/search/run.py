@@ -21,7 +21,12 @@ when the default path does not win and no winning path was found),
 ``best_reward``, ``best_margin``, ``best_length`` (null with a null
 ``best_path``), ``good_paths`` (winning paths, best first:
 ``{"path", "reward", "margin", "length"}``), ``evaluations``, ``simulations``,
-``stopped_early``, ``seconds``.
+``stopped_early``, ``seconds``; and what router training needs, so that it
+reads this file alone: ``routing_tokens`` (the prompt's token ids, as
+:func:`drllm.tasks.encode_prompt` encodes them for scoring: the tokens routers
+pool over) and ``example`` (the item's :class:`~drllm.tasks.Example` fields
+but ``meta``, to score it on the training's dev part). Records of an older
+drllm lack these two.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from ..artifacts import (
     ArtifactError, claim_output, exclusive_lock, model_fingerprint, read_settings, settings_diff, settings_path,
     write_json,
 )
-from ..tasks import Example
+from ..tasks import Example, encode_prompt, use_chat_template
 from .evaluator import MODES, PathEvaluator
 from .mcts import MCTSConfig, mcts_search
 
@@ -133,6 +138,10 @@ def search_example(model: Any, tokenizer: Any, example: Example, config: SearchC
         "simulations": res.simulations,
         "stopped_early": res.stopped_early,
         "seconds": round(time.perf_counter() - start, 4),
+        "routing_tokens": encode_prompt(
+            tokenizer, ev.prompt, cloze=reward == "loglik",
+            add_special_tokens=reward != "loglik" and not use_chat_template(tokenizer, ev.style)),
+        "example": {f.name: getattr(example, f.name) for f in fields(Example) if f.name != "meta"},
     }
 
 

@@ -6,6 +6,9 @@
 * :func:`cloze_requests` - ARC in log-likelihood mode, as lm-eval-harness
   scores it: context ``"Question: <stem>\\nAnswer:"``, one continuation
   ``" <choice text>"`` per choice.
+* :func:`encode_prompt` - the one encoder of prompts into token ids: scoring,
+  generation, the search records and router training all call it, so the
+  tokens routers are trained on are those they pool over at inference.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ __all__ = [
     "generation_prompt",
     "cloze_context",
     "cloze_requests",
+    "encode_prompt",
 ]
 
 Style = Literal["auto", "chat", "plain"]
@@ -125,3 +129,27 @@ def batch_generation_prompts(
     examples: Sequence[Example], tokenizer: Any = None, **kwargs: Any
 ) -> list[str]:
     return [generation_prompt(e, tokenizer, **kwargs) for e in examples]
+
+
+def encode_prompt(tokenizer: Any, text: str, *, cloze: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a prompt as scoring reads it (and routers pool over it).
+
+    ``cloze``: a log-likelihood context. Its trailing whitespace belongs to the
+    continuation (lm-eval-harness), and an empty context stands as the BOS
+    token (else EOS, else pad) so that the first continuation token has
+    something to be predicted from. ``add_special_tokens``: the tokenizer's
+    own (generation adds them, unless a chat template already wrote them).
+    """
+    if cloze:
+        text = text.rstrip()
+        if not text:
+            return [_prefix_token(tokenizer)]
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _prefix_token(tokenizer: Any) -> int:
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None:
+            return int(tid)
+    raise ValueError("empty context and the tokenizer has no bos/eos/pad token to stand in for it")

@@ -29,7 +29,7 @@ import torch
 from ..batching import pad_batch, prefix_mask
 from .data import Example
 from .extract import extract_answer, is_correct
-from .prompts import Style, cloze_requests, generation_prompt, use_chat_template
+from .prompts import Style, cloze_requests, encode_prompt, generation_prompt, use_chat_template
 
 __all__ = [
     "ChoiceScore",
@@ -52,36 +52,24 @@ ForwardHook = Callable[..., torch.Tensor]
 # encoding
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def _prefix_token(tokenizer: Any) -> int:
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        tid = getattr(tokenizer, name, None)
-        if tid is not None:
-            return int(tid)
-    raise ValueError("empty context and the tokenizer has no bos/eos/pad token to stand in for it")
-
-
 def encode_request(
     tokenizer: Any, context: str, continuation: str, *, add_special_tokens: bool = False
 ) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) the lm-eval-harness way: trailing
     whitespace of the context moves to the continuation, the continuation's
     tokens are those of ``context + continuation`` beyond the context's token
-    count. An empty context becomes the BOS (else EOS) token."""
+    count. The context's tokens are :func:`~drllm.tasks.prompts.encode_prompt`'s
+    (an empty context becomes the BOS, else EOS, token)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     if not continuation:
         raise ValueError("empty continuation")
+    ctx = encode_prompt(tokenizer, context, cloze=True, add_special_tokens=add_special_tokens)
     if not context:
-        ctx = [_prefix_token(tokenizer)]
-        return ctx, _encode(tokenizer, continuation, False)
-    whole = _encode(tokenizer, context + continuation, add_special_tokens)
-    ctx = _encode(tokenizer, context, add_special_tokens)
+        return ctx, encode_prompt(tokenizer, continuation)
+    whole = encode_prompt(tokenizer, context + continuation, add_special_tokens=add_special_tokens)
     cont = whole[len(ctx) :]
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after context")
@@ -428,7 +416,7 @@ def generate_answers(
         raise ValueError("the tokenizer needs a pad or eos token for batched generation")
     eos_id = getattr(tokenizer, "eos_token_id", None)
     dev = _model_device(model, device)
-    encoded = [_encode(tokenizer, p, add_special_tokens=not chat) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, add_special_tokens=not chat) for p in prompts]
 
     gen_args = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
     if eos_id is not None:

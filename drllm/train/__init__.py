@@ -1,0 +1,50 @@
+"""Router training from searched paths: teacher forcing on cached features, knobs chosen on a dev part.
+
+- :mod:`~drllm.train.records`: the search's records as training reads them
+  (paths, the prompt's token ids, the item);
+- :mod:`~drllm.train.labels`: which path each item teaches, the train/dev
+  split, and the thin-label rule;
+- :mod:`~drllm.train.features`: window means of the hidden states along each
+  label path, computed once and cached on disk;
+- :mod:`~drllm.train.objective`: loss, class weights, logits, metrics, schedule;
+- :mod:`~drllm.train.checkpoints`: resumable per-epoch checkpoints
+  (safetensors + JSON, never pickle);
+- :mod:`~drllm.train.loop`: one training run (:func:`train_routers`);
+- :mod:`~drllm.train.selection`: one run per ``min_margin`` candidate, the
+  margin and lambda chosen on the dev part (:func:`select_routers`).
+"""
+
+from .features import FeatureCache, cached_features, extract_features, feature_key
+from .labels import CLASS_NAMES, label_path, load_path_records, split_dev, train_shared_skip, trusted_labels
+from .loop import TrainConfig, train_routers
+from .objective import batched_router_logits, class_weights, classification_metrics, focal_loss
+from .records import read_path_records, read_probes, record_example, record_tokens
+from .selection import LAMS, MARGINS, SELECTION_NAME, read_selection, select_routers
+
+__all__ = [
+    "CLASS_NAMES",
+    "FeatureCache",
+    "LAMS",
+    "MARGINS",
+    "SELECTION_NAME",
+    "TrainConfig",
+    "batched_router_logits",
+    "cached_features",
+    "class_weights",
+    "classification_metrics",
+    "extract_features",
+    "feature_key",
+    "focal_loss",
+    "label_path",
+    "load_path_records",
+    "read_path_records",
+    "read_probes",
+    "read_selection",
+    "record_example",
+    "record_tokens",
+    "select_routers",
+    "split_dev",
+    "train_routers",
+    "train_shared_skip",
+    "trusted_labels",
+]

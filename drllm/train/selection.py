@@ -1,0 +1,150 @@
+"""Choosing the knobs on the dev part: ``min_margin``, then the control knob lambda.
+
+Why: a knob compared on the items a report then scores makes that report's
+figure the best of several draws, not a measurement. So the searched (train
+split) items are split into a train and a dev part (:func:`split_dev`),
+routers are trained on the train part once per ``min_margin`` of a small
+grid (each keeping its best epoch by dev loss, :func:`train_routers`), and
+the frozen model with each candidate's routers is scored on the dev items
+with the evaluation's own code (:func:`drllm.evaluate.evaluate`): first every
+margin at lambda 0, then the chosen margin's routers at every lambda of its
+grid. The best is the highest dev accuracy; ties go to the fewest blocks per
+pass, then to the value scored first (margins in grid order, lambda 0 first). Nothing here reads another split: the
+dev items come from the search records themselves.
+
+The chosen values and the dev figures they were chosen on are written next
+to the routers (``selection.json``, :func:`read_selection`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..artifacts import ArtifactError, exclusive_lock, read_json, write_json
+from ..evaluate import evaluate
+from ..routers import Routers
+from ..tasks import Example
+from .loop import TrainConfig, train_routers
+from .records import read_path_records, record_example
+
+__all__ = ["MARGINS", "LAMS", "SELECTION_NAME", "select_routers", "read_selection"]
+
+#: Grids searched when none is given (``drllm train --min-margin/--lam``).
+MARGINS = (0.1, 0.2, 0.4)
+LAMS = (-0.25, 0.0, 0.25)
+SELECTION_NAME = "selection.json"
+CANDIDATES = "candidates"
+RULE = "highest dev accuracy, then fewest blocks per pass, then the value scored first (grid order, lambda 0 first)"
+
+
+def select_routers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    paths_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config: TrainConfig | None = None,
+    margins: Sequence[float] = MARGINS,
+    lams: Sequence[float] = LAMS,
+    skips_file: str | os.PathLike | None = None,
+    examples: Mapping[str, Example] | None = None,
+    batch_size: int = 16,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train one candidate per margin into ``out_dir/candidates/``, choose on the dev part, and write the
+    chosen routers and ``selection.json`` to ``out_dir``.
+
+    A grid of one value fixes that knob; with both fixed nothing is scored.
+    ``examples`` (by id) stand in for the items of records written by an
+    older search, which carry none. Returns the selection (as written) plus
+    ``run``, the chosen candidate's :func:`train_routers` result.
+    """
+    config = config or TrainConfig()
+    margins, lams = [float(m) for m in margins], [float(x) for x in lams]
+    if not margins or not lams:
+        raise ValueError("margins and lams need at least one value each")
+    out = Path(out_dir)
+    with exclusive_lock(out):
+        shared = replace(config, cache_dir=config.cache_dir or str(out / "cache"))
+        runs = [train_routers(model, tokenizer, paths_file, out / CANDIDATES / f"margin-{m:g}",
+                              config=replace(shared, min_margin=m), skips_file=skips_file, callback=callback)
+                for m in margins]
+        candidates = [Routers.from_pretrained(r["out_dir"]) for r in runs]
+        if len(margins) * len(lams) > 1:
+            chosen = _choose(model, tokenizer, paths_file, runs, candidates, margins, lams, examples, batch_size)
+        else:
+            chosen = {"index": 0, "lam": lams[0], "dev_vanilla": None, "scored": []}
+        run = runs[chosen["index"]]
+        candidates[chosen["index"]].save_pretrained(out)
+        selection = {
+            "min_margin": margins[chosen["index"]],
+            "lam": chosen["lam"],
+            "epoch": run["epoch"],
+            "shared_skip": run["shared_skip"],
+            "min_block_labels": config.min_block_labels,
+            "dev_fraction": config.dev_fraction,
+            "seed": config.seed,
+            "train": run["train"],
+            "dev": run["dev"],
+            "dev_ids": run["dev_ids"],
+            "margins": margins,
+            "lams": lams,
+            "rule": RULE,
+            "dev_vanilla": chosen["dev_vanilla"],
+            "scored": chosen["scored"],
+        }
+        write_json(out / SELECTION_NAME, selection)
+    return {**selection, "run": run}
+
+
+def _choose(model, tokenizer, paths_file, runs, candidates, margins, lams, examples, batch_size) -> dict:
+    """Score the candidates on the dev part: every margin at lambda 0 (else the grid's first), then the best
+    margin at every lambda."""
+    dev_ids = runs[0]["dev_ids"]
+    if not dev_ids:
+        raise ValueError("no dev part to choose the knobs on (too few records, or dev_fraction 0): "
+                         "give one value of each knob")
+    by_id = {r.get("id"): r for r in read_path_records(paths_file)}
+    items = [record_example(by_id[i], examples) for i in dev_ids]
+    reward = by_id[dev_ids[0]].get("reward_mode") or "loglik"
+    first_lam = 0.0 if 0.0 in lams else lams[0]
+    vanilla = None
+    scored = []
+
+    def score(index: int, lam: float) -> dict:
+        nonlocal vanilla
+        result = evaluate(model, tokenizer, candidates[index], items, reward=reward, lam=lam, baseline=vanilla,
+                          batch_size=batch_size)
+        vanilla = vanilla or result
+        r = result["routed"]
+        entry = {"min_margin": margins[index], "lam": lam, "epoch": runs[index]["epoch"], "accuracy": r["accuracy"],
+                 "ci95": r["ci95"], "blocks_per_pass": r["mean_path_length"], "index": index}
+        scored.append(entry)
+        return entry
+
+    best = _best([score(i, first_lam) for i in range(len(margins))])
+    best = _best([best] + [score(best["index"], lam) for lam in lams if lam != first_lam])
+    v = vanilla["vanilla"]
+    return {"index": best["index"], "lam": best["lam"], "scored": [{k: e[k] for k in e if k != "index"} for e in scored],
+            "dev_vanilla": {"accuracy": v["accuracy"], "ci95": v["ci95"], "n": v["n"]}}
+
+
+def _best(entries: list[dict]) -> dict:
+    """The highest accuracy, then the fewest blocks per pass, then the first of ``entries``."""
+    return min(entries, key=lambda e: (-e["accuracy"], e["blocks_per_pass"]))
+
+
+def read_selection(routers_dir: str | os.PathLike) -> dict | None:
+    """The ``selection.json`` beside routers (None when they were not chosen this way)."""
+    path = Path(routers_dir) / SELECTION_NAME
+    if not path.is_file():
+        return None
+    selection = read_json(path, "delete it, or train the routers again")
+    if not isinstance(selection, dict) or not {"min_margin", "lam", "epoch", "dev_ids"} <= set(selection):
+        raise ArtifactError(f"{path}: not a selection record of drllm train")
+    return selection
