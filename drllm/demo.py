@@ -168,7 +168,8 @@ def _shared_line(train: dict) -> str:
 def _write_report(path: Path, summary: dict, result: dict) -> None:
     s, t, c, d = summary["search"], summary["train"], summary["selection"], summary["difference"]
     stages = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
-    settings = format_table(["setting", "value"], [[k, "all" if v is None else v]
+    unset = {"n_eval": "all", "min_margin": "chosen on dev", "lam": "chosen on dev"}
+    settings = format_table(["setting", "value"], [[k, unset.get(k, v) if v is None else v]
                                                    for k, v in summary["settings"].items()])
     text = f"""# drllm demo report
 

