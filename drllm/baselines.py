@@ -21,10 +21,8 @@ be the evaluated ones (:func:`check_disjoint`).
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -47,12 +45,10 @@ __all__ = [
     "choose_skip_sets",
     "check_disjoint",
     "calibration_set",
-    "DEV_IDS_FILE",
 ]
 
 BASELINES = ("shortgpt", "static", "random", "exit")
 SEEDS = 5
-DEV_IDS_FILE = "dev_ids.json"  # in a router folder: the train items held out to choose knobs (a JSON list of ids)
 
 
 def parse_baselines(specs: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -220,20 +216,20 @@ def check_disjoint(calibration: Sequence[Example], evaluated: Sequence[Example])
 def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, routers_dir: str | os.PathLike | None = None,
                     data_dir: str | os.PathLike | None = None) -> tuple[list[Example], str]:
     """Calibration/selection items and where they came from: the train split's dev part recorded with the
-    routers (``DEV_IDS_FILE``), else its first ``n`` items that are not evaluated."""
+    routers (``dev_ids`` of their ``selection.json``), else its first ``n`` items that are not evaluated."""
     from .tasks import load_task
+    from .train.selection import read_selection
 
     train = load_task(task, "train", data_dir=data_dir)
-    recorded = Path(routers_dir) / DEV_IDS_FILE if routers_dir is not None else None
-    if recorded is not None and recorded.is_file():
-        dev = json.loads(recorded.read_text())
-        if not isinstance(dev, list) or not all(isinstance(i, str) for i in dev):
-            raise ValueError(f"{recorded} must hold a JSON list of example ids")
-        missing = set(dev) - {e.id for e in train}
+    selection = read_selection(routers_dir) if routers_dir is not None else None
+    if selection is not None:
+        dev = set(selection["dev_ids"])
+        missing = dev - {e.id for e in train}
         if missing:
-            raise ValueError(f"{recorded}: {len(missing)} ids are not {task} train items (e.g. {sorted(missing)[:3]})")
-        chosen = [e for e in train if e.id in set(dev)]
-        source = f"dev part recorded with the routers ({recorded})"
+            raise ValueError(f"{routers_dir}: {len(missing)} dev ids are not {task} train items "
+                             f"(e.g. {sorted(map(str, missing))[:3]})")
+        chosen = [e for e in train if e.id in dev]
+        source = f"dev part recorded with the routers ({len(chosen)} {task} train items)"
     else:
         taken = {e.id for e in evaluated}
         chosen = [e for e in train if e.id not in taken][:n]

@@ -251,6 +251,12 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
     assert (tmp_path / "figs" / "frontier.md").read_text().count("\n") == len(methods) + 2
 
 
+def record_dev_part(root, dev_ids):
+    """The ``selection.json`` that ``drllm train`` writes beside the routers, reduced to what eval reads."""
+    (root / "routers" / "selection.json").write_text(json.dumps(
+        {"min_margin": 0.0, "lam": 0.0, "epoch": 1, "dev_ids": dev_ids}))
+
+
 def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
     """Evaluate train items themselves: calibration and selection still never see them."""
     from drllm.search import evaluator as ev_module
@@ -273,12 +279,12 @@ def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
                     "--calib-n", "4") == 0
     assert seen and set(seen) == {"q3", "q4", "q5", "q6"}  # train items, none of the evaluated q0..q2
     # a recorded dev part that holds an evaluated item is refused
-    (saved / "routers" / bl.DEV_IDS_FILE).write_text(json.dumps(["q1", "q5"]))
+    record_dev_part(saved, ["q1", "q5"])
     try:
         with pytest.raises(ValueError, match="also evaluated"):
             run_eval(saved, "--split", "train", "--n", "3", "--baselines", "static:1")
     finally:
-        (saved / "routers" / bl.DEV_IDS_FILE).unlink()
+        (saved / "routers" / "selection.json").unlink()
 
 
 def test_compare_refuses_overlap_and_uses_recorded_dev_part(setup, saved):
@@ -286,12 +292,12 @@ def test_compare_refuses_overlap_and_uses_recorded_dev_part(setup, saved):
     examples = arc_examples(3)
     with pytest.raises(ValueError, match="also evaluated"):
         compare(model, tok, examples, baselines=[("shortgpt", [1])], calibration=arc_examples(4)[2:])
-    (saved / "routers" / bl.DEV_IDS_FILE).write_text(json.dumps(["q6", "q2"]))
+    record_dev_part(saved, ["q6", "q2"])
     try:
         items, source = bl.calibration_set("arc_easy", examples[:1], n=5, routers_dir=saved / "routers",
                                            data_dir=saved / "data")
     finally:
-        (saved / "routers" / bl.DEV_IDS_FILE).unlink()
+        (saved / "routers" / "selection.json").unlink()
     assert [e.id for e in items] == ["q2", "q6"] and "recorded with the routers" in source
     res = compare(model, tok, examples, baselines=[("exit", [1])])
     assert [m["method"] for m in res["methods"]] == ["vanilla", "exit"] and res["sweep"] == []
