@@ -164,9 +164,13 @@ def test_no_validation_item_reaches_training_or_selection(searched, tmp_path, mo
     assert train_ids and val_ids and not train_ids & val_ids
     featured, scored = set(), set()
     real_tokens, real_eval = loop.record_tokens, selection.evaluate
+
+    def evaluate(model, tokenizer, routers, items, **kwargs):
+        scored.update(e.id for e in items)
+        return real_eval(model, tokenizer, routers, items, **kwargs)
+
     monkeypatch.setattr(loop, "record_tokens", lambda rec, t: featured.add(rec["id"]) or real_tokens(rec, t))
-    monkeypatch.setattr(selection, "evaluate",
-                        lambda m, t, r, items, **k: scored.update(e.id for e in items) or real_eval(m, t, r, items, **k))
+    monkeypatch.setattr(selection, "evaluate", evaluate)
     summary = run_demo(tmp_path / "demo", DemoSettings(n_search=10, simulations=4, n_eval=6, epochs=2),
                        model_name=str(tmp_path / "model"), data_dir=str(data), device="cpu", progress=False)
     assert summary["n_eval"] == 6  # validation was scored, by the demo, after training

@@ -154,9 +154,9 @@ def extract_features(
             progress(len(idx))
 
 
-def cached_features(model: torch.nn.Module, cache: FeatureCache, keys: Sequence[str], token_ids: Sequence[Sequence[int]],
-                    labels: Sequence[str], num_windows: int, *, dtype: str, batch_size: int,
-                    progress: bool) -> dict:
+def cached_features(model: torch.nn.Module, cache: FeatureCache, keys: Sequence[str],
+                    token_ids: Sequence[Sequence[int]], labels: Sequence[str], num_windows: int, *, dtype: str,
+                    batch_size: int, progress: bool) -> dict:
     """Compute the features of every item whose key is not in ``cache`` yet (along its label path) and
     store them as ``dtype``; returns the counts and seconds, for the report."""
     from tqdm.auto import tqdm

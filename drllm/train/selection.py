@@ -130,7 +130,8 @@ def _choose(model, tokenizer, paths_file, runs, candidates, margins, lams, examp
     best = _best([score(i, first_lam) for i in range(len(margins))])
     best = _best([best] + [score(best["index"], lam) for lam in lams if lam != first_lam])
     v = vanilla["vanilla"]
-    return {"index": best["index"], "lam": best["lam"], "scored": [{k: e[k] for k in e if k != "index"} for e in scored],
+    return {"index": best["index"], "lam": best["lam"],
+            "scored": [{k: e[k] for k in e if k != "index"} for e in scored],
             "dev_vanilla": {"accuracy": v["accuracy"], "ci95": v["ci95"], "n": v["n"]}}
 
 
