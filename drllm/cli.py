@@ -13,12 +13,14 @@ import argparse
 import importlib
 import sys
 
+from .artifacts import ArtifactError
 from .commands.common import UsageError
 from .tasks.data import DataFormatError, DataUnavailableError
 
 # Subcommand modules in drllm.commands, in the order ``--help`` lists them.
 COMMANDS = ["search", "train", "eval", "generate", "bench", "demo"]
-USER_ERRORS = (UsageError, DataUnavailableError, DataFormatError)
+# Refused files (ArtifactError: a locked output, other settings, a corrupt or foreign checkpoint) too.
+USER_ERRORS = (UsageError, DataUnavailableError, DataFormatError, ArtifactError)
 
 
 class Parser(argparse.ArgumentParser):

@@ -6,9 +6,7 @@ Imported to build ``drllm --help``: nothing here may import torch at module leve
 from __future__ import annotations
 
 import argparse
-import functools
 
-from ..artifacts import ArtifactError
 from ..artifacts import write_json as write_json_atomic  # noqa: F401 (re-exported for the commands)
 from ..models import DEFAULT_MODEL
 from ..tasks.data import TASKS
@@ -16,20 +14,6 @@ from ..tasks.data import TASKS
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: ``drllm`` prints it as one line and exits with status 2."""
-
-
-def refusals_are_user_errors(run):
-    """A command's ``run`` whose refused files (:class:`drllm.artifacts.ArtifactError`: a locked output,
-    other settings, a corrupt or foreign checkpoint) print as one-line user errors, not tracebacks."""
-
-    @functools.wraps(run)
-    def wrapped(args):
-        try:
-            return run(args)
-        except ArtifactError as err:
-            raise UsageError(str(err)) from None
-
-    return wrapped
 
 
 def positive_int(text: str) -> int:

@@ -18,7 +18,7 @@ import time
 
 from .common import (
     UsageError, add_data_args, add_json_arg, add_model_args, add_task_arg, format_table, load_model_from_args,
-    positive_int, refusals_are_user_errors, write_json_atomic,
+    positive_int, write_json_atomic,
 )
 
 
@@ -100,7 +100,6 @@ def _fail_if_locked(*outputs) -> None:
                 pass
 
 
-@refusals_are_user_errors
 def run(args) -> int:
     from ..search import SearchConfig, merge_shards, run_search, shard_path, summarize
     from ..search.run import shard_examples, wait_for_shards

@@ -6,7 +6,7 @@ import argparse
 
 from .common import (
     add_json_arg, add_model_args, format_table, lam_value, load_model_from_args, positive_int,
-    refusals_are_user_errors, write_json_atomic,
+    write_json_atomic,
 )
 
 # Options that are TrainConfig fields: left out, they take its defaults (read when training starts, not to build
@@ -68,7 +68,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-@refusals_are_user_errors
 def run(args) -> int:
     from ..train import CLASS_NAMES, LAMS, MARGINS, TrainConfig, select_routers
 
