@@ -161,11 +161,17 @@ def compile(model: nn.Module, **options) -> nn.Module:
         )
     if len({type(layer) for layer in layers}) != 1:
         raise ValueError("drllm.compile needs every decoder block to be of one class")
-    # Every model compiled this way shares the block class's code object, and with it dynamo's
+    # Every model compiled this way shares one code object (_decode_block), and with it dynamo's
     # limit on recompilations (per batch size class, mask kind and cache kind): leave room for them.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-    state.compiled = torch.compile(type(layers[0]).forward, **{"fullgraph": True, **options})
+    state.compiled = torch.compile(_decode_block, **{"fullgraph": True, **options})
     return model
+
+
+def _decode_block(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """One block pass, as compiled by :func:`compile`: a code object of drllm's own, so that its compiled
+    graphs never share dynamo's cache (and recompile limit) with other compilations of the block class."""
+    return type(layer).forward(layer, hidden_states, *args, **kwargs)
 
 
 def set_lam(model: nn.Module, lam: float, rule: str | None = None) -> None:
