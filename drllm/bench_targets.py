@@ -52,9 +52,6 @@ def targets(results: dict, device) -> dict:
     if s.get("compile"):
         summary = next(r for r in s["compile"] if r["variant"] == "summary")
         _path_goals(out, s["compile"], summary["noise"], "compiled")
-        out["all_execute_vs_per_block_vanilla_compiled"] = goal(
-            abs(summary["all_execute_vs_per_block"] - 1), summary["noise"], "<=",
-            "|all-execute / vanilla compiled block by block - 1| within the run's noise: what routing itself costs")
         out["compiled_graphs_after_first_round"] = goal(summary["graphs_after_warmup"], 0, "<=",
                                                         "graphs compiled once every path had run once")
     for r in s.get("throughput", []):
