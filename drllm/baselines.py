@@ -30,7 +30,7 @@ import torch
 from .runtime.adapters import decoder, describe
 from .runtime.patch import block_states
 from .search.mcts import skip_run_ok
-from .tasks import Example, cloze_requests, encode_request, generation_prompt, use_chat_template
+from .tasks import Example, cloze_requests, encode_prompt, encode_request, generation_prompt, use_chat_template
 
 __all__ = [
     "BASELINES",
@@ -105,7 +105,7 @@ def _prompt_ids(example: Example, tokenizer: Any, reward: str, style: str | None
         context, continuations = cloze_requests(example, tokenizer, style=style or "plain")
         return encode_request(tokenizer, context, continuations[0])[0]
     prompt = generation_prompt(example, tokenizer, style=style or "auto")
-    return tokenizer(prompt, add_special_tokens=not use_chat_template(tokenizer, style or "auto"))["input_ids"]
+    return encode_prompt(tokenizer, prompt, add_special_tokens=not use_chat_template(tokenizer, style or "auto"))
 
 
 def _right_padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,22 +182,21 @@ def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: in
 
 def accuracy_scorer(model, tokenizer, examples: Sequence[Example], *, reward: str = "loglik",
                     style: str | None = None, normalize: str = "chars", max_new_tokens: int = 256) -> Score:
-    """``score(paths)``: per path, ``(accuracy, mean gold margin)`` on ``examples`` (the search's path evaluator)."""
-    from .search.evaluator import PathEvaluator
+    """``score(paths)``: per path, ``(accuracy, mean gold margin)`` on ``examples``, every path of an item scored
+    in one pass (:func:`drllm.evaluate.score_paths`; generation: one path at a time, margin 0)."""
+    from .evaluate import evaluate_path, score_paths
 
     if not examples:
         raise ValueError("static skip sets need selection examples")
 
     def score(paths: list[str]) -> list[tuple]:
-        hits = [0] * len(paths)
-        margins = [0.0] * len(paths)
-        for ex in examples:
-            evaluator = PathEvaluator(model, tokenizer, ex, mode=reward, style=style, normalize=normalize,
-                                      max_new_tokens=max_new_tokens)
-            for j, r in enumerate(evaluator.evaluate(paths)):
-                hits[j] += r.reward
-                margins[j] += r.margin or 0.0
-        return [(h / len(examples), m / len(examples)) for h, m in zip(hits, margins)]
+        if reward == "loglik":
+            rows = score_paths(model, tokenizer, examples, paths, style=style, normalize=normalize)
+        else:
+            rows = [evaluate_path(model, tokenizer, examples, p, reward=reward, style=style,
+                                  max_new_tokens=max_new_tokens) for p in paths]
+        n = len(examples)
+        return [(sum(r["correct"] for r in rs) / n, sum(r.get("margin", 0.0) for r in rs) / n) for rs in rows]
 
     return score
 

@@ -37,10 +37,10 @@ from .paths import path_to_str
 from .routers import Routers
 from .runtime.adapters import describe
 from .runtime.patch import forced_paths, is_patched, last_paths, patch, unpatch
-from .tasks import Example, generate_answers, generation_prompt, score_choices, use_chat_template
+from .tasks import Example, encode_prompt, generate_answers, generation_prompt, score_choices, use_chat_template
 
-__all__ = ["evaluate", "lam_sweep", "evaluate_path", "compare", "verdict", "wilson_interval", "mcnemar_exact",
-           "REWARDS"]
+__all__ = ["evaluate", "lam_sweep", "evaluate_path", "score_paths", "compare", "choose_baselines", "verdict",
+           "wilson_interval", "mcnemar_exact", "REWARDS"]
 
 REWARDS = ("loglik", "generate")
 Z95 = 1.959963984540054
@@ -139,7 +139,7 @@ def _generate_rows(model, tokenizer, examples, *, routed: bool, batch_size: int,
         row = {"correct": int(g.correct), "prediction": g.prediction, "new_tokens": int(g.new_tokens), "passes": passes}
         if routed:
             prompt = generation_prompt(ex, tokenizer, style=style)
-            key = tuple(tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+            key = tuple(encode_prompt(tokenizer, prompt, add_special_tokens=not chat))
             if key not in target.seen:
                 raise RuntimeError(f"no recorded path for example {ex.id!r}: prompt encoding differs from generate_answers")
             path = target.seen[key]
@@ -283,13 +283,20 @@ def evaluate(
     return result
 
 
-def lam_sweep(model, tokenizer, routers: Routers, examples: Sequence[Example], lams: Sequence[float], **kwargs) -> list[dict]:
-    """:func:`evaluate` at each control-knob value in ``lams``, scoring the vanilla model once."""
+def lam_sweep(model, tokenizer, routers: Routers, examples: Sequence[Example], lams: Sequence[float], *,
+              baseline: dict | None = None, **kwargs) -> list[dict]:
+    """:func:`evaluate` at each control-knob value in ``lams``, scoring the vanilla model once (or never,
+    given a ``baseline``)."""
     results: list[dict] = []
     for lam in lams:
         results.append(evaluate(model, tokenizer, routers, examples, lam=float(lam),
-                                baseline=results[0] if results else None, **kwargs))
+                                baseline=results[0] if results else baseline, **kwargs))
     return results
+
+
+def _as_baseline(examples: Sequence[Example], vanilla: list[dict], reward: str) -> dict:
+    """Vanilla rows in the shape :func:`evaluate` takes as ``baseline``, so a sweep does not score them again."""
+    return {"reward": reward, "examples": [{"id": e.id, "vanilla_row": r} for e, r in zip(examples, vanilla)]}
 
 
 # --------------------------------------------------------------------------- baselines at equal compute
@@ -305,6 +312,51 @@ def evaluate_path(model, tokenizer, examples: Sequence[Example], path: str, *, r
         return _run(model, tokenizer, examples, reward, False, batch_size, style, normalize, max_new_tokens, path=path)
 
 
+def score_paths(model, tokenizer, examples: Sequence[Example], paths: Sequence[str], *, style: str | None = None,
+                normalize: str = "chars", max_paths: int = 16, progress: bool = False) -> list[list[dict]]:
+    """Rows (as :func:`evaluate_path`'s) of every forced path on every example: ``[path][example]``.
+
+    Why: a comparison scores some 25 static paths per item. Here every path
+    of one item goes through one :class:`~drllm.search.evaluator.PathEvaluator`
+    (log-likelihood, choices packed in one sequence): the default path runs
+    once and records the state entering each block, and every other path
+    starts at its first edited block from that state, so the blocks before it
+    are never recomputed. Same scoring as :func:`evaluate_path` (acc_norm),
+    to float tolerance.
+    """
+    from .search.evaluator import PathEvaluator
+
+    rows: list[list[dict]] = [[] for _ in paths]
+    for ex in _progress(examples, progress, "forced paths"):
+        evaluator = PathEvaluator(model, tokenizer, ex, mode="loglik", style=style or "plain", normalize=normalize,
+                                  max_paths=max_paths)
+        for out, result in zip(rows, evaluator.evaluate(list(paths))):
+            choice = ex.labels.index(result.prediction)
+            out.append({"correct": int(choice == ex.gold_index), "choice": choice, "margin": result.margin, "passes": len(ex.choices), "path": result.path,
+                        "layers": result.length * len(ex.choices)})
+    return rows
+
+
+def _progress(items, show: bool, desc: str):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="ex", dynamic_ncols=True)
+
+
+def _path_rows(model, tokenizer, examples, paths: Sequence[str], *, reward: str, progress: bool = False,
+               **settings) -> dict[str, list[dict]]:
+    """Rows of each distinct forced path: all paths of an item in one pass (log-likelihood), else one by one."""
+    paths = list(dict.fromkeys(paths))
+    if reward == "loglik":
+        rows = score_paths(model, tokenizer, examples, paths, style=settings["style"],
+                           normalize=settings["normalize"], progress=progress)
+    else:
+        rows = [evaluate_path(model, tokenizer, examples, p, reward=reward, **settings) for p in paths]
+    return dict(zip(paths, rows))
+
+
 def _entry(method: str, setting, rows: list[dict], vanilla: list[dict], **extra) -> dict:
     """One row of the comparison: accuracy, interval, blocks per pass and the paired test against vanilla."""
     s = _summary(rows, len(rows[0]["path"]))
@@ -318,6 +370,7 @@ def _entry(method: str, setting, rows: list[dict], vanilla: list[dict], **extra)
         "blocks_per_pass": s["mean_path_length"],
         "layers_per_example": s["layers_per_example"],
         "mcnemar": paired_test([r["correct"] for r in vanilla], [r["correct"] for r in rows]),
+        "items": "".join(str(r["correct"]) for r in rows),
         **extra,
     }
 
@@ -350,37 +403,56 @@ def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
     }
 
 
+def choose_baselines(model, tokenizer, baselines: Sequence[tuple[str, Sequence[int]]], *,
+                     calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
+                     batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
+                     normalize: str = "chars") -> tuple[dict, dict]:
+    """Each baseline's skip sets per K (:func:`drllm.baselines.choose_skip_sets`) and what chose them, by method;
+    chosen once, they can be scored on several data sets (:func:`compare`'s ``skip_sets``)."""
+    sets, info = {}, {}
+    for method, ks in baselines:
+        sets[method], info[method] = bl.choose_skip_sets(
+            model, tokenizer, method, ks, calibration=calibration, seeds=seeds, reward=reward, style=style,
+            normalize=normalize, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return sets, info
+
+
 def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers | None = None,
             lams: Sequence[float] = (0.0,), baselines: Sequence[tuple[str, Sequence[int]]] = (),
             calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
             batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
-            normalize: str = "chars") -> dict:
+            normalize: str = "chars", skip_sets: tuple[dict, dict] | None = None, progress: bool = False) -> dict:
     """Vanilla, the routers at each of ``lams`` and every baseline ``(method, Ks)`` on the same ``examples``.
 
     ``calibration`` (ShortGPT prompts, the static selection set) must share
-    no item with ``examples``. Returns ``{"methods", "sweep", "baselines"}``:
+    no item with ``examples``; ``skip_sets``, a :func:`choose_baselines`
+    result, stands in for ``baselines`` and ``calibration``. Vanilla (the
+    all-ones path) and every baseline are forced paths, scored together
+    (:func:`score_paths`). Returns ``{"methods", "sweep", "baselines"}``:
     ``methods`` one entry per method and setting (K, or lambda for routers),
-    ``sweep`` the :func:`lam_sweep` results, ``baselines`` what chose each
+    each with ``items``, its per-example correctness as a 0/1 string;
+    ``sweep`` the :func:`lam_sweep` results; ``baselines`` what chose each
     method's skip sets (calibration ids, block influence).
     """
     bl.check_disjoint(calibration, examples)
-    settings = dict(reward=reward, batch_size=batch_size, max_new_tokens=max_new_tokens, style=style,
-                    normalize=normalize)
-    sweep = lam_sweep(model, tokenizer, routers, examples, lams, **settings) if routers is not None else []
-    if sweep:
-        vanilla = [e["vanilla_row"] for e in sweep[0]["examples"]]
-    else:
-        vanilla = evaluate_path(model, tokenizer, examples, "1" * describe(model).num_blocks, **settings)
+    settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, style=style, normalize=normalize)
+    if skip_sets is None:
+        skip_sets = choose_baselines(model, tokenizer, baselines, calibration=calibration, seeds=seeds,
+                                     reward=reward, **settings)
+    sets, chosen = skip_sets
+    L = describe(model).num_blocks
+    forced = ["1" * L] + [bl.skip_path(L, s) for by_k in sets.values() for ss in by_k.values() for s in ss]
+    rows = _path_rows(model, tokenizer, examples, forced, reward=reward, progress=progress, **settings)
+    vanilla = rows["1" * L]
+    sweep = []
+    if routers is not None:
+        sweep = lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
+                          baseline=_as_baseline(examples, vanilla, reward), **settings)
     methods = [_entry("vanilla", None, vanilla, vanilla)]
     methods += [_entry("routers", r["lam"], [e["routed_row"] for e in r["examples"]], vanilla) for r in sweep]
-    chosen = {}
-    L = describe(model).num_blocks
-    for method, ks in baselines:
-        sets, chosen[method] = bl.choose_skip_sets(model, tokenizer, method, ks, calibration=calibration,
-                                                   seeds=seeds, **settings)
-        for k in ks:
-            runs = [_entry(method, k, evaluate_path(model, tokenizer, examples, bl.skip_path(L, skips), **settings),
-                           vanilla, skipped=skips) for skips in sets[k]]
+    for method, by_k in sets.items():
+        for k, skip_lists in by_k.items():
+            runs = [_entry(method, k, rows[bl.skip_path(L, s)], vanilla, skipped=s) for s in skip_lists]
             methods.append(_seeded_entry(method, k, runs) if len(runs) > 1 else runs[0])
     return {"methods": methods, "sweep": sweep, "baselines": chosen}
 

@@ -259,22 +259,17 @@ def record_dev_part(root, dev_ids):
 
 def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
     """Evaluate train items themselves: calibration and selection still never see them."""
-    from drllm.search import evaluator as ev_module
-
     seen = []
-    influence, evaluator = bl.block_influence, ev_module.PathEvaluator
+    influence, scorer = bl.block_influence, bl.accuracy_scorer
 
-    def spy_influence(model, tok, examples, **kw):
-        seen.extend(e.id for e in examples)
-        return influence(model, tok, examples, **kw)
+    def spy(real):
+        def wrapped(model, tok, examples, **kw):
+            seen.extend(e.id for e in examples)
+            return real(model, tok, examples, **kw)
+        return wrapped
 
-    class SpyEvaluator(evaluator):
-        def __init__(self, model, tok, example, **kw):
-            seen.append(example.id)
-            super().__init__(model, tok, example, **kw)
-
-    monkeypatch.setattr(bl, "block_influence", spy_influence)
-    monkeypatch.setattr(ev_module, "PathEvaluator", SpyEvaluator)
+    monkeypatch.setattr(bl, "block_influence", spy(influence))
+    monkeypatch.setattr(bl, "accuracy_scorer", spy(scorer))
     assert run_eval(saved, "--split", "train", "--n", "3", "--baselines", "shortgpt:1", "static:1",
                     "--calib-n", "4") == 0
     assert seen and set(seen) == {"q3", "q4", "q5", "q6"}  # train items, none of the evaluated q0..q2

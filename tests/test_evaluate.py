@@ -13,7 +13,7 @@ from conftest import tiny_model
 from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
-from drllm.evaluate import evaluate, lam_sweep, wilson_interval
+from drllm.evaluate import evaluate, evaluate_path, lam_sweep, score_paths, wilson_interval
 from drllm.tasks import Example, cloze_requests, encode_request, generation_prompt
 
 # Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).
@@ -143,6 +143,25 @@ def test_generation_figures_equal_manual_computation(setup):
     assert res["vanilla"]["layers_per_example"] == pytest.approx(
         L * sum(e["vanilla_row"]["passes"] for e in res["examples"]) / len(examples))
     assert all(1 <= p <= 4 for p in passes)
+
+
+def test_score_paths_equals_one_path_at_a_time(setup):
+    """Every path of an item in one pass (prefix reuse, packed choices) scores as each path alone."""
+    model, tok, _ = setup
+    examples = arc_examples(6)
+    paths = ["1111", "0111", "1011", "1101", "1110", "1001", "0110", "1121", "2111", "0000"]
+    together = score_paths(model, tok, examples, paths, max_paths=3)  # several calls per item
+    assert len(together) == len(paths)
+    margins = []
+    for path, rows in zip(paths, together):
+        alone = evaluate_path(model, tok, examples, path, batch_size=4)
+        assert [r["correct"] for r in rows] == [r["correct"] for r in alone]
+        assert [r["choice"] for r in rows] == [r["choice"] for r in alone]
+        assert [r["margin"] for r in rows] == pytest.approx([r["margin"] for r in alone], abs=1e-5)
+        assert [(r["path"], r["layers"], r["passes"]) for r in rows] == [(r["path"], r["layers"], r["passes"])
+                                                                         for r in alone]
+        margins.append(tuple(round(r["margin"], 4) for r in rows))
+    assert len(set(margins)) == len(paths)  # the paths really differ, so equal rows are not a coincidence
 
 
 def test_lambda_extremes_and_sweep(setup):
