@@ -213,13 +213,16 @@ def check_disjoint(calibration: Sequence[Example], evaluated: Sequence[Example])
 
 
 def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, routers_dir: str | os.PathLike | None = None,
-                    data_dir: str | os.PathLike | None = None) -> tuple[list[Example], str]:
+                    data_dir: str | os.PathLike | None = None,
+                    train: Sequence[Example] | None = None) -> tuple[list[Example], str]:
     """Calibration/selection items and where they came from: the train split's dev part recorded with the
-    routers (``dev_ids`` of their ``selection.json``), else its first ``n`` items that are not evaluated."""
+    routers (``dev_ids`` of their ``selection.json``), else its first ``n`` items that are not evaluated.
+    ``train``: the train items to draw from (default: the whole split)."""
     from .tasks import load_task
     from .train.selection import read_selection
 
-    train = load_task(task, "train", data_dir=data_dir)
+    if train is None:
+        train = load_task(task, "train", data_dir=data_dir)
     selection = read_selection(routers_dir) if routers_dir is not None else None
     if selection is not None:
         dev = set(selection["dev_ids"])

@@ -1,8 +1,12 @@
 """``drllm demo``: search, train and evaluate routers for the embedded model on ARC-Easy.
 
 A newcomer's first run: the frozen model gets routers from paths found by
-the search on train items, and is compared with itself on validation items.
-Every stage writes its results to ``out_dir`` and resumes from them.
+the search on ARC-Easy train items (knobs chosen on their dev part), and is
+compared with itself and with the static baselines of :mod:`drllm.baselines`
+at equal compute on ARC-Easy validation and, out of domain, ARC-Challenge
+validation (:func:`drllm.evaluate.compare`). Validation is read once, after
+every choice was made. Every stage writes its results to ``out_dir``; search
+and training resume from them.
 The settings are importable without torch (``drllm demo --help`` shows them);
 the pipeline imports it when it runs.
 """
@@ -18,18 +22,22 @@ from .commands.train import selection_lines
 from .models import DEFAULT_MODEL
 
 TASK = "arc_easy"
+#: Evaluated splits: in domain, then out of domain (routers trained on ARC-Easy only).
+DATASETS = (("arc_easy", "ARC-Easy validation"), ("arc_challenge", "ARC-Challenge validation (out of domain)"))
+BASELINES = ("shortgpt", "static", "random", "exit")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of each stage; ``n_eval=None`` evaluates the whole validation split.
+    """Sizes of each stage; ``n_eval=None`` evaluates the whole validation splits.
     ``min_margin``: how decisively a searched path must win to be learned
     (:func:`drllm.train.label_path`), and ``lam`` the control knob; None
     chooses each from its grid on the dev part of the searched items
     (:func:`drllm.train.select_routers`), a value fixes it. ``probe_skips``:
     also probe every single-block skip on the searched items, so items
     without a decisive path teach the skip the train part shares
-    (:func:`drllm.train.train_shared_skip`)."""
+    (:func:`drllm.train.train_shared_skip`). ``ks``: blocks each baseline
+    drops; ``seeds``: random skip sets per K."""
 
     n_search: int
     simulations: int
@@ -39,33 +47,14 @@ class DemoSettings:
     min_margin: float | None = None  # None: chosen on the dev part
     lam: float | None = None  # None: chosen on the dev part
     probe_skips: bool = False
+    ks: tuple[int, ...] = (1, 2, 4)
+    seeds: int = 5
 
 
 # Default: about 14 minutes on a quiet 2-core CPU (search ~0.9 s per item,
 # scoring ~0.3 s per item and model); quick: 1 to 2 minutes (CI runs it).
 DEFAULT = DemoSettings(n_search=500, simulations=32, n_eval=None)
-QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24)
-
-
-def _cell(summary: dict) -> str:
-    lo, hi = summary["ci95"]
-    return f"{summary['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def results_table(result: dict) -> str:
-    """Accuracy, path length and layers of vanilla vs routed, as a markdown table."""
-    L = result["num_blocks"]
-    v, r = result["vanilla"], result["routed"]
-    saved_pass = L - r["mean_path_length"]
-    saved_example = v["layers_per_example"] - r["layers_per_example"]
-    return format_table(
-        ["model", "accuracy [95% CI]", "blocks per pass", "layers per example", "layers saved per example"],
-        [
-            ["vanilla", _cell(v), f"{v['mean_path_length']:.2f} / {L}", f"{v['layers_per_example']:.1f}", "-"],
-            ["routed", _cell(r), f"{r['mean_path_length']:.2f} / {L}", f"{r['layers_per_example']:.1f}",
-             f"{saved_example:.1f} ({saved_pass:.2f} per pass)"],
-        ],
-    )
+QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24, ks=(1,), seeds=2)
 
 
 def run_demo(
@@ -80,7 +69,8 @@ def run_demo(
     """Run the pipeline and return its figures (also written to ``out_dir/summary.json``)."""
     import torch
 
-    from .evaluate import evaluate
+    from .baselines import calibration_set
+    from .evaluate import choose_baselines, compare
     from .integrations.plotting import decision_heatmap, decision_histogram
     from .models import load_model
     from .routers import Routers
@@ -100,7 +90,8 @@ def run_demo(
         clock = now
 
     train_items = load_task(TASK, "train", data_dir=data_dir, limit=settings.n_search)
-    val_items = load_task(TASK, "validation", data_dir=data_dir, limit=settings.n_eval)
+    evaluated = {task: load_task(task, "validation", data_dir=data_dir, limit=settings.n_eval)
+                 for task, _ in DATASETS}
     model, tokenizer = load_model(model_name, device=device)
     lap("load")
 
@@ -126,15 +117,26 @@ def run_demo(
     training = selection.pop("run")
     lap("train")
 
+    # shortgpt's calibration and static's selection: the dev part recorded with the routers (train split)
+    calibration, source = calibration_set(TASK, [e for items in evaluated.values() for e in items], n=0,
+                                          routers_dir=out / "routers", train=train_items)
     with torch.no_grad():
-        result = evaluate(model, tokenizer, Routers.from_pretrained(out / "routers"), val_items, reward="loglik",
-                          lam=selection["lam"])
-    lap("eval")
-
-    figures = [
-        decision_heatmap(result["decisions"], out / "heatmap.png", title="ARC-Easy validation: routed decisions"),
-        decision_histogram(result["decisions"], out / "histogram.png", title="decisions per block"),
-    ]
+        skip_sets = choose_baselines(model, tokenizer, [(m, settings.ks) for m in BASELINES],
+                                     calibration=calibration, seeds=settings.seeds)
+        lap("baselines")
+        routers = Routers.from_pretrained(out / "routers")
+        datasets = {}
+        for task, title in DATASETS:
+            datasets[task] = compare(model, tokenizer, evaluated[task], routers=routers, lams=[selection["lam"]],
+                                     skip_sets=skip_sets, progress=progress)
+            lap(f"eval {task}")
+    routed = datasets[TASK]["sweep"][0]
+    figures = [Path(f).name for f in (
+        decision_heatmap(routed["decisions"], out / "heatmap.png", title="ARC-Easy validation: routed decisions"),
+        decision_histogram(routed["decisions"], out / "histogram.png", title="decisions per block"),
+    )]
+    reports = {task: _dataset_report(out, task, title, datasets[task]["methods"]) for task, title in DATASETS}
+    figures += [r["figure"] for r in reports.values()]
     summary = {
         "task": TASK,
         "model": model_name or DEFAULT_MODEL,
@@ -144,18 +146,34 @@ def run_demo(
                                            "thin_labels", "class_counts", "class_weights", "train", "dev",
                                            "train_seconds")},
         "selection": selection,
-        "vanilla": result["vanilla"],
-        "routed": result["routed"],
-        "difference": result["difference"],
-        "num_blocks": result["num_blocks"],
-        "n_eval": result["n"],
+        "calibration": source,
+        "baselines": skip_sets[1],
+        "datasets": {task: {"title": title, "n": len(evaluated[task]), "methods": datasets[task]["methods"],
+                            "figure": reports[task]["figure"]} for task, title in DATASETS},
+        "vanilla": routed["vanilla"],
+        "routed": routed["routed"],
+        "difference": routed["difference"],
+        "num_blocks": routed["num_blocks"],
+        "n_eval": routed["n"],
         "seconds": seconds,
         "routers": "routers",  # paths relative to out_dir: the report and summary hold no machine paths
-        "figures": [Path(f).name for f in figures],
+        "figures": figures,
     }
-    _write_report(out / "report.md", summary, result)
+    _write_report(out / "report.md", summary, reports)
     write_json_atomic(out / "summary.json", summary)
-    return {**summary, "table": results_table(result)}
+    return {**summary, "tables": {task: r["tables"] for task, r in reports.items()}}
+
+
+def _dataset_report(out: Path, task: str, title: str, methods: list[dict]) -> dict:
+    """One evaluated split: the comparison table, routers against each baseline, the frontier plot."""
+    from .evaluate import frontier_table, routers_vs_baselines
+    from .integrations.plotting import frontier_plot
+
+    n = methods[0]["n"]
+    tables = (format_table(*frontier_table(methods)), format_table(*routers_vs_baselines(methods)))
+    figure = frontier_plot(methods, out / f"frontier-{task}.png", title=f"{title}: accuracy vs compute (n={n})")
+    (out / f"frontier-{task}.md").write_text(tables[0] + "\n\n" + tables[1] + "\n")
+    return {"tables": tables, "figure": Path(figure).name}
 
 
 def _shared_line(train: dict) -> str:
@@ -165,15 +183,18 @@ def _shared_line(train: dict) -> str:
             f"{train['shared_labels']} items teach it.")
 
 
-def _write_report(path: Path, summary: dict, result: dict) -> None:
-    s, t, c, d = summary["search"], summary["train"], summary["selection"], summary["difference"]
+def _write_report(path: Path, summary: dict, reports: dict) -> None:
+    s, t, c = summary["search"], summary["train"], summary["selection"]
     stages = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
     unset = {"n_eval": "all", "min_margin": "chosen on dev", "lam": "chosen on dev"}
     settings = format_table(["setting", "value"], [[k, unset.get(k, v) if v is None else v]
                                                    for k, v in summary["settings"].items()])
+    evaluations = "\n".join(_evaluation_section(summary["datasets"][task], reports[task]["tables"], c["lam"])
+                            for task in reports)
     text = f"""# drllm demo report
 
-Model: `{summary['model']}` ({summary['num_blocks']} blocks). Task: ARC-Easy, log-likelihood (acc_norm) scoring.
+Model: `{summary['model']}` ({summary['num_blocks']} blocks). Trained on ARC-Easy train items; evaluated on
+ARC-Easy validation and ARC-Challenge validation, log-likelihood (acc_norm) scoring.
 
 {settings}
 
@@ -197,13 +218,8 @@ the gold answer wins by a margin of at least {c['min_margin']:g} (normalised log
 {selection_lines(c)}
 ```
 
-## Vanilla vs routed ({summary['n_eval']} validation items, λ {c['lam']:g})
-
-{results_table(result)}
-
-Routed minus vanilla: accuracy {d['accuracy']:+.3f}; both correct {d['both_correct']}, only vanilla
-{d['only_vanilla']}, only routed {d['only_routed']}, neither {d['neither']}.
-
+Baselines (ShortGPT calibration, static selection): {summary['calibration']}.
+{evaluations}
 ![decisions](heatmap.png)
 
 ## Time per stage
@@ -213,3 +229,20 @@ Routed minus vanilla: accuracy {d['accuracy']:+.3f}; both correct {d['both_corre
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _evaluation_section(dataset: dict, tables: tuple[str, str], lam: float) -> str:
+    return f"""
+## {dataset['title']}: {dataset['n']} items, routers at λ {lam:g}
+
+{tables[0]}
+
+McNemar's exact test against vanilla on the same items ("no significant difference" when p >= 0.05);
+random: mean over its seeds (± their standard deviation), the test of its median seed.
+
+Routers against each baseline, same items:
+
+{tables[1]}
+
+![frontier]({dataset['figure']})
+"""

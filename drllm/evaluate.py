@@ -40,7 +40,7 @@ from .runtime.patch import forced_paths, is_patched, last_paths, patch, unpatch
 from .tasks import Example, encode_prompt, generate_answers, generation_prompt, score_choices, use_chat_template
 
 __all__ = ["evaluate", "lam_sweep", "evaluate_path", "score_paths", "compare", "choose_baselines", "verdict",
-           "wilson_interval", "mcnemar_exact", "REWARDS"]
+           "frontier_table", "routers_vs_baselines", "wilson_interval", "mcnemar_exact", "REWARDS"]
 
 REWARDS = ("loglik", "generate")
 Z95 = 1.959963984540054
@@ -486,3 +486,27 @@ def frontier_table(methods: Sequence[dict]) -> tuple[list[str], list[list[str]]]
     headers = ["method", "K / λ", "accuracy [95% CI]", "blocks/pass", "Δ accuracy",
                "McNemar p (only vanilla/only method)", "vs vanilla", "skipped blocks"]
     return headers, rows
+
+
+def routers_vs_baselines(methods: Sequence[dict], alpha: float = 0.05) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: each router setting against each baseline setting, McNemar's exact test on the same
+    items (random: every seed's skip set against the routers, pooled pairs, so its p is indicative only)."""
+    routers = [m for m in methods if m["method"] == "routers"]
+    others = [m for m in methods if m["method"] not in ("vanilla", "routers")]
+    rows = []
+    for r in routers:
+        for m in others:
+            runs = m.get("runs", [m])
+            base = "".join(run["items"] for run in runs)
+            t = paired_test([int(c) for c in base], [int(c) for c in r["items"] * len(runs)])
+            if t["p"] >= alpha:
+                word = "within noise"
+            else:
+                word = "routers above" if t["only_method"] > t["only_vanilla"] else "routers below"
+            rows.append([f"{r['setting']:g}", f"{r['blocks_per_pass']:.2f}", f"{m['method']}:{m['setting']}",
+                         f"{m['blocks_per_pass']:.2f}", f"{r['accuracy'] - m['accuracy']:+.3f}",
+                         f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})", word])
+    headers = ["routers λ", "routers blocks/pass", "baseline", "baseline blocks/pass", "Δ accuracy (routers - baseline)",
+               "McNemar p (only baseline/only routers)", "routers vs baseline"]
+    return headers, rows
+

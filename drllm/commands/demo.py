@@ -18,7 +18,7 @@ def default_out(quick: bool) -> str:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="search, train and evaluate routers on ARC-Easy (the embedded model)",
+        "demo", help="search, train and evaluate routers on ARC-Easy, against baselines (the embedded model)",
         description="Runs offline on the embedded SmolLM2-135M-Instruct and the ARC-Easy items shipped with drllm. "
         "Each stage writes to the output folder and a rerun resumes from it.",
     )
@@ -44,6 +44,12 @@ def add_parser(subparsers) -> None:
                         "default: chosen on the dev part of the searched items)")
     p.add_argument("--lam", type=lam_value, default=None,
                    help="control knob of the routers (default: chosen on the dev part of the searched items)")
+    p.add_argument("--ks", type=positive_int, nargs="+", default=None,
+                   help=f"blocks each baseline drops (default {' '.join(map(str, DEFAULT.ks))}, or "
+                        f"{' '.join(map(str, QUICK.ks))} with --quick)")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help=f"random baseline: skip sets drawn per K (default {DEFAULT.seeds}, or {QUICK.seeds} "
+                        "with --quick)")
     p.add_argument("--probe-skips", action=argparse.BooleanOptionalAction, default=None,
                    help="probe every single-block skip on the searched items and teach the one they share "
                         "where no searched path wins (see drllm search --probe-skips)")
@@ -54,22 +60,27 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from ..demo import DATASETS, run_demo
 
     settings = QUICK if args.quick else DEFAULT
     overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin",
-                                                "lam", "probe_skips")
+                                                "lam", "probe_skips", "seeds")
                  if getattr(args, k) is not None}
+    if args.ks is not None:
+        overrides["ks"] = tuple(sorted(set(args.ks)))
     settings = dataclasses.replace(settings, **overrides)
     out = args.out or default_out(args.quick)
     summary = run_demo(out, settings, model_name=args.model, data_dir=args.data_dir, device=args.device,
                        progress=not args.no_progress)
     print("\n" + selection_lines(summary["selection"]))
-    print(f"\nARC-Easy validation, {summary['n_eval']} items, log-likelihood scoring, "
-          f"λ {summary['selection']['lam']:g}\n")
-    print(summary["table"])
+    print(f"\nbaselines (shortgpt calibration, static selection): {summary['calibration']}")
+    for task, title in DATASETS:
+        frontier, versus = summary["tables"][task]
+        print(f"\n{title}, {summary['datasets'][task]['n']} items, log-likelihood scoring, "
+              f"routers at λ {summary['selection']['lam']:g}\n")
+        print(frontier + "\n\n" + versus)
     print("\n" + " | ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
     print(f"\nreport, routers and figures in {out}")
     if args.json:
-        write_json_atomic(args.json, {k: v for k, v in summary.items() if k != "table"})
+        write_json_atomic(args.json, {k: v for k, v in summary.items() if k != "tables"})
     return 0
