@@ -254,7 +254,10 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
 def record_dev_part(root, dev_ids):
     """The ``selection.json`` that ``drllm train`` writes beside the routers, reduced to what eval reads."""
     (root / "routers" / "selection.json").write_text(json.dumps(
-        {"min_margin": 0.0, "lam": 0.0, "epoch": 1, "dev_ids": dev_ids}))
+        {"min_margin": 0.2, "lam": -0.25, "epoch": 3, "dev_ids": dev_ids, "dev": len(dev_ids), "rule": "highest",
+         "dev_vanilla": {"accuracy": 0.5, "ci95": [0.1, 0.9], "n": len(dev_ids)},
+         "scored": [{"min_margin": 0.2, "lam": -0.25, "epoch": 3, "accuracy": 0.625, "ci95": [0.3, 0.86],
+                     "blocks_per_pass": 3.5}]}))
 
 
 def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
@@ -305,3 +308,21 @@ def test_eval_command_without_routers(saved, tmp_path):
                     routers=False) == 0
     payload = json.loads(out_json.read_text())
     assert [m["method"] for m in payload["methods"]] == ["vanilla", "exit"] and payload["results"] == []
+
+
+def test_eval_command_prints_the_routers_selection(saved, tmp_path, capsys):
+    """The knobs drllm train chose, with the dev figures they were chosen on, are printed and kept in the JSON;
+    the static selection uses that dev part."""
+    record_dev_part(saved, ["q5", "q6"])
+    out_json = tmp_path / "out.json"
+    try:
+        assert run_eval(saved, "--split", "validation", "--baselines", "static:1", "--json", str(out_json)) == 0
+    finally:
+        (saved / "routers" / "selection.json").unlink()
+    printed = capsys.readouterr().out
+    assert "routers: chosen on 2 dev items: min_margin 0.2, lambda -0.25, epoch 3" in printed
+    assert "0.625 [0.300, 0.860]" in printed and "dev part recorded with the routers (2 arc_easy" in printed
+    assert "routers vs baseline" in printed  # the routers against each baseline, paired
+    payload = json.loads(out_json.read_text())
+    assert payload["selection"]["lam"] == -0.25 and payload["baselines"]["static"]["calibration_ids"] == ["q5", "q6"]
+

@@ -52,7 +52,9 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import drllm
     from ..baselines import calibration_set, parse_baselines
-    from ..evaluate import compare, frontier_table
+    from ..evaluate import compare, frontier_table, routers_vs_baselines
+    from ..train import read_selection
+    from .train import selection_lines
     from ..tasks import ARC_TASKS, load_task
 
     reward = args.reward or ("loglik" if args.task in ARC_TASKS else "generate")
@@ -65,6 +67,7 @@ def run(args) -> int:
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
     # a bad folder fails before the model loads
     routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
+    selection = read_selection(args.routers) if args.routers else None
     calibration, source = [], None
     if any(method in ("shortgpt", "static") for method, _ in baselines):
         calibration, source = calibration_set(args.task, examples, n=args.calib_n, routers_dir=args.routers,
@@ -77,9 +80,13 @@ def run(args) -> int:
     table = format_table(*frontier_table(res["methods"]))
     print(f"{args.task} {args.split or 'default split'}, {len(examples)} examples, {reward} scoring, "
           f"{res['methods'][0]['blocks_per_pass']:g} blocks")
+    if selection is not None:
+        print("routers: " + selection_lines(selection))
     if source:
         print(f"calibration/selection (shortgpt, static): {source}")
     print("\n" + table)
+    if routers is not None and baselines:
+        print("\n" + format_table(*routers_vs_baselines(res["methods"])))
     figures = []
     if args.out_dir:
         from ..integrations.plotting import decision_heatmap, decision_histogram, frontier_plot
@@ -99,5 +106,6 @@ def run(args) -> int:
     if args.json:
         write_json_atomic(args.json, {"task": args.task, "split": args.split, "reward": reward,
                                       "methods": res["methods"], "baselines": res["baselines"],
-                                      "calibration": source, "results": results, "figures": figures})
+                                      "calibration": source, "selection": selection, "results": results,
+                                      "figures": figures})
     return 0
