@@ -51,9 +51,10 @@ class DemoSettings:
     seeds: int = 5
 
 
-# Default: about 14 minutes on a quiet 2-core CPU (search ~0.9 s per item,
-# scoring ~0.3 s per item and model); quick: 1 to 2 minutes (CI runs it).
-DEFAULT = DemoSettings(n_search=500, simulations=32, n_eval=None)
+# Default: random over 3 seeds, not eval's 5: on a 2-core CPU the forced paths of
+# the random baseline are most of the scoring time (see README for the measured
+# duration). Quick: a few minutes (CI runs it).
+DEFAULT = DemoSettings(n_search=500, simulations=32, n_eval=None, seeds=3)
 QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24, ks=(1,), seeds=2)
 
 
@@ -125,17 +126,17 @@ def run_demo(
                                      calibration=calibration, seeds=settings.seeds)
         lap("baselines")
         routers = Routers.from_pretrained(out / "routers")
-        datasets = {}
-        for task, title in DATASETS:
+        datasets, reports = {}, {}
+        for task, title in DATASETS:  # each split's table is written as soon as it is scored
             datasets[task] = compare(model, tokenizer, evaluated[task], routers=routers, lams=[selection["lam"]],
                                      skip_sets=skip_sets, progress=progress)
+            reports[task] = _dataset_report(out, task, title, datasets[task]["methods"])
             lap(f"eval {task}")
     routed = datasets[TASK]["sweep"][0]
     figures = [Path(f).name for f in (
         decision_heatmap(routed["decisions"], out / "heatmap.png", title="ARC-Easy validation: routed decisions"),
         decision_histogram(routed["decisions"], out / "histogram.png", title="decisions per block"),
     )]
-    reports = {task: _dataset_report(out, task, title, datasets[task]["methods"]) for task, title in DATASETS}
     figures += [r["figure"] for r in reports.values()]
     summary = {
         "task": TASK,
@@ -173,6 +174,7 @@ def _dataset_report(out: Path, task: str, title: str, methods: list[dict]) -> di
     tables = (format_table(*frontier_table(methods)), format_table(*routers_vs_baselines(methods)))
     figure = frontier_plot(methods, out / f"frontier-{task}.png", title=f"{title}: accuracy vs compute (n={n})")
     (out / f"frontier-{task}.md").write_text(tables[0] + "\n\n" + tables[1] + "\n")
+    write_json_atomic(out / f"methods-{task}.json", methods)
     return {"tables": tables, "figure": Path(figure).name}
 
 
