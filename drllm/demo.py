@@ -121,11 +121,12 @@ def run_demo(
     # shortgpt's calibration and static's selection: the dev part recorded with the routers (train split)
     calibration, source = calibration_set(TASK, [e for items in evaluated.values() for e in items], n=0,
                                           routers_dir=out / "routers", train=train_items)
+    routers = Routers.from_pretrained(out / "routers")
+    ks = [k for k in settings.ks if k < routers.num_blocks]  # a small model cannot drop K >= L blocks
     with torch.no_grad():
-        skip_sets = choose_baselines(model, tokenizer, [(m, settings.ks) for m in BASELINES],
+        skip_sets = choose_baselines(model, tokenizer, [(m, ks) for m in BASELINES],
                                      calibration=calibration, seeds=settings.seeds)
         lap("baselines")
-        routers = Routers.from_pretrained(out / "routers")
         datasets, reports = {}, {}
         for task, title in DATASETS:  # each split's table is written as soon as it is scored
             datasets[task] = compare(model, tokenizer, evaluated[task], routers=routers, lams=[selection["lam"]],

@@ -103,7 +103,9 @@ def test_demo_writes_outside_the_checkout_and_needs_no_flags(no_model_no_hub, ca
 
     def run_demo(out, settings, **kwargs):
         calls.append((Path(out), settings, kwargs))
-        return {"n_eval": 1, "table": "| table |", "seconds": {"load": 1.0},
+        return {"n_eval": 1, "seconds": {"load": 1.0}, "calibration": "dev part",
+                "tables": {task: ("| table |", "| versus |") for task, _ in drllm.demo.DATASETS},
+                "datasets": {task: {"n": 1} for task, _ in drllm.demo.DATASETS},
                 "selection": {"dev": 2, "min_margin": 0.2, "lam": 0.0, "epoch": 3, "scored": []}}
 
     monkeypatch.setattr(drllm.demo, "run_demo", run_demo)

@@ -145,10 +145,11 @@ def test_shared_skip_reads_the_train_part_only(searched, tmp_path):
 def _tiny_data(tmp_path, train_n=10, val_n=6) -> Path:
     from drllm.tasks.data import EMBEDDED_DIR
 
-    for split, n in (("train", train_n), ("validation", val_n)):
-        lines = (EMBEDDED_DIR / "arc_easy" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (tmp_path / "data" / "arc_easy").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data" / "arc_easy" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    for task, split, n in (("arc_easy", "train", train_n), ("arc_easy", "validation", val_n),
+                           ("arc_challenge", "validation", val_n)):  # the demo's out-of-domain split too
+        lines = (EMBEDDED_DIR / task / f"{split}.jsonl").read_text().splitlines()[:n]
+        (tmp_path / "data" / task).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path / "data"
 
 
@@ -160,7 +161,7 @@ def test_no_validation_item_reaches_training_or_selection(searched, tmp_path, mo
     tok.save_pretrained(tmp_path / "model")
     data = _tiny_data(tmp_path)
     train_ids = {e.id for e in load_task("arc_easy", "train", data_dir=data)}
-    val_ids = {e.id for e in load_task("arc_easy", "validation", data_dir=data)}
+    val_ids = {e.id for task in ("arc_easy", "arc_challenge") for e in load_task(task, "validation", data_dir=data)}
     assert train_ids and val_ids and not train_ids & val_ids
     featured, scored = set(), set()
     real_tokens, real_eval = loop.record_tokens, selection.evaluate
