@@ -243,7 +243,7 @@ def _evaluation_section(dataset: dict, tables: tuple[str, str], lam: float) -> s
 McNemar's exact test against vanilla on the same items ("no significant difference" when p >= 0.05);
 random: mean over its seeds (± their standard deviation), the test of its median seed.
 
-Routers against each baseline, same items:
+Routers against each baseline, same items (McNemar; random: its median seed):
 
 {tables[1]}
 

@@ -13,7 +13,7 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
 import drllm.baselines as bl
-from drllm.evaluate import compare, evaluate_path, mcnemar_exact, paired_test, verdict
+from drllm.evaluate import compare, evaluate_path, mcnemar_exact, paired_test, routers_vs_baselines, verdict
 from drllm.search.mcts import skip_run_ok
 from drllm.tasks import cloze_requests, encode_request
 
@@ -176,6 +176,23 @@ def test_mcnemar_known_values():
     assert verdict({"method": "exit", "mcnemar": t}) == "no significant difference"
     assert verdict({"method": "exit", "mcnemar": {"only_vanilla": 6, "only_method": 0, "p": 0.03125}}) == \
         "worse than vanilla"
+
+
+def test_routers_against_each_baseline_on_the_same_items():
+    """Routers vs each baseline: McNemar on the per-item outcomes; random: its median seed, not pooled pairs."""
+    routers = {"method": "routers", "setting": 0.0, "accuracy": 0.75, "blocks_per_pass": 3.5, "items": "11111100"}
+    static = {"method": "static", "setting": 1, "accuracy": 0.25, "blocks_per_pass": 3.0, "items": "00000011"}
+    seeds = ["11111100", "11000000", "00000000"]  # p 1, 0.125 (0/4), 0.031 (0/6): the median seed is the second
+    rnd = {"method": "random", "setting": 1, "accuracy": 0.5, "blocks_per_pass": 3.0,
+           "runs": [{"items": i} for i in seeds]}
+    vanilla = {"method": "vanilla", "setting": None, "accuracy": 0.5, "blocks_per_pass": 4.0, "items": "11110000"}
+    headers, rows = routers_vs_baselines([vanilla, routers, static, rnd])
+    assert [r[2] for r in rows] == ["static:1", "random:1"]
+    assert rows[0][5] == f"{mcnemar_exact(2, 6):.3g} (2/6)" and rows[0][6] == "within noise"
+    assert rows[1][5] == "0.125 (0/4)" and rows[1][4] == "+0.250" and rows[1][6] == "within noise"
+    lopsided = {**static, "items": "00000000"}
+    routers6 = {**routers, "items": "11111111"}
+    assert routers_vs_baselines([vanilla, routers6, lopsided])[1][0][6] == "routers above"  # 8/0: p 0.0078
 
 
 # --------------------------------------------------------------------------- the command
