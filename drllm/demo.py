@@ -53,7 +53,7 @@ class DemoSettings:
 
 # Default: random over 3 seeds, not eval's 5: on a 2-core CPU the forced paths of
 # the random baseline are most of the scoring time (see README for the measured
-# duration). Quick: a few minutes (CI runs it).
+# duration). Quick: about a minute (CI runs it).
 DEFAULT = DemoSettings(n_search=500, simulations=32, n_eval=None, seeds=3)
 QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24, ks=(1,), seeds=2)
 

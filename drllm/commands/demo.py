@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
         description="Runs offline on the embedded SmolLM2-135M-Instruct and the ARC-Easy items shipped with drllm. "
         "Each stage writes to the output folder and a rerun resumes from it.",
     )
-    p.add_argument("--quick", action="store_true", help="a small run (1 to 2 minutes on a 2-core CPU)")
+    p.add_argument("--quick", action="store_true", help="a small run (about a minute on a 2-core CPU)")
     p.add_argument("--out", default=None,
                    help="output folder: paths, routers, report, figures (default: $DRLLM_CACHE/demo, or demo-quick "
                         "with --quick; $DRLLM_CACHE defaults to ~/.cache/drllm)")
