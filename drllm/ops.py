@@ -129,14 +129,13 @@ def window_weights(mask: torch.Tensor, num_windows: int) -> torch.Tensor:
     ``W = min(num_windows, T_real)`` contiguous windows with
     ``torch.tensor_split`` semantics; row ``w`` of the result holds
     ``1/len(window w)`` on that window's tokens, and is all zero for
-    ``w >= W``.
+    ``w >= W`` (all zero for a row without real tokens: no data-dependent
+    branch, so it traces; callers check with :func:`require_real_tokens`).
     """
     real = mask.to(torch.bool)
     counts = real.sum(dim=1)  # [B]
-    if not _compiling() and bool((counts == 0).any()):  # a traced graph cannot branch on data
-        raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
     rank = real.long().cumsum(dim=1) - 1  # rank of each real token among the row's real tokens
-    W = counts.clamp(max=num_windows)  # [B]
+    W = counts.clamp(min=1, max=num_windows)  # [B]
     q = (counts // W)[:, None]
     r = (counts % W)[:, None]
     big = r * (q + 1)  # tokens covered by the first r windows of size q+1
@@ -147,8 +146,15 @@ def window_weights(mask: torch.Tensor, num_windows: int) -> torch.Tensor:
     return (onehot * weight[..., None]).transpose(1, 2)  # [B, nw, T]
 
 
+def require_real_tokens(mask: torch.Tensor) -> None:
+    """Raise on a row without real tokens (an empty prompt), which has no mean to pool."""
+    if bool((mask == 0).all(dim=1).any()):
+        raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
+
+
 def window_means(hidden: torch.Tensor, mask: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Window means ``[B, num_windows, H]`` (float32) and window validity ``[B, num_windows]``."""
+    require_real_tokens(mask)
     weights = window_weights(mask, num_windows)
     means = torch.bmm(weights, hidden.to(torch.float32))
     valid = weights.sum(dim=2) > 0
@@ -174,6 +180,7 @@ def weighted_router_logits(weights, hidden, w1, b1, w2, b2):
 
 def pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2):
     """Reference for :func:`pooled_router_logits`."""
+    require_real_tokens(mask)
     return weighted_router_logits(window_weights(mask, num_windows), hidden, w1, b1, w2, b2)
 
 
@@ -266,7 +273,7 @@ def _fused_or_reference(hidden, mask, num_windows, w1, b1, w2, b2):
     """The fused Triton kernel where this thread's backend picks it for the device and it takes the inputs, else the reference."""
     if pooling_choice(hidden.device.type) == "triton" and _kernels.supports(hidden, mask, w1, w2):
         return _kernels.pooled_router_logits_triton(hidden, mask, num_windows, w1, b1, w2, b2)
-    return pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2)
+    return weighted_router_logits(window_weights(mask, num_windows), hidden, w1, b1, w2, b2)  # checked by the caller
 
 
 # One operator for the dispatcher and the compiler: ``triton_op`` lets torch.compile see the Triton
@@ -314,8 +321,8 @@ def pooled_router_logits(
         raise ValueError(f"num_windows must be >= 1, got {num_windows}")
     if _grad_needed(hidden, w1, b1, w2, b2):
         return pooled_router_logits_reference(hidden, mask, num_windows, w1, b1, w2, b2)
-    if validate and not _compiling() and hidden.shape[0] > 0 and not bool((mask != 0).any(dim=1).all()):
-        raise ValueError("empty prompt: a row has no real tokens (attention mask all zero)")
+    if validate and not _compiling() and hidden.shape[0] > 0:
+        require_real_tokens(mask)
     return torch.ops.drllm.pooled_router_logits(hidden, mask, num_windows, w1, b1, w2, b2)
 
 

@@ -238,3 +238,15 @@ def test_import_without_extension_or_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-5:] == ["1", "triton", "reference", "reference", "None"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_op_passes_opcheck_and_equals_the_reference(dtype):
+    """``torch.ops.drllm.pooled_router_logits`` (torch.library): schema, fake kernel and dispatch are consistent."""
+    hidden, mask, w1, b1, w2, b2 = make_inputs(3, 11, 24, [11, 4, 1], [True, False, True], dtype)
+    mask[0, 3:5] = 0  # a gap, as a routing mask may have
+    args = (hidden, mask, 5, w1, b1, w2, b2)
+    torch.library.opcheck(torch.ops.drllm.pooled_router_logits.default, args)
+    out = torch.ops.drllm.pooled_router_logits(*args)
+    assert out.dtype == torch.float32 and out.shape == (3, 3)
+    torch.testing.assert_close(out, ops.pooled_router_logits_reference(*args))
