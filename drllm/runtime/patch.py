@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .. import ops
 from ..paths import as_paths, default_path
 from ..routers import Routers
 from .adapters import cache_kwarg, describe, dispatched_device
@@ -375,8 +376,7 @@ def _pool_mask(attention_mask, routing_mask, batch: int, length: int, device) ->
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if tuple(mask.shape) != (batch, length):
         raise ValueError(f"routing mask must have shape {(batch, length)} (batch, tokens), got {tuple(mask.shape)}")
-    if not bool(mask.to(torch.bool).any(dim=1).all()):
-        raise ValueError("empty prompt: a row of the batch has no real tokens (its attention mask is all zero)")
+    ops.require_real_tokens(mask)
     return mask
 
 
