@@ -23,7 +23,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drllm import _ext, ops
+from drllm import ops
+from drllm.ops import backends
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -32,8 +33,8 @@ INNER = {"cpu": 1, "cuda": 20}
 L, H, NW = 30, 576, 8  # blocks, hidden size, windows
 B, T = 8, 150  # batch, padded prompt length
 
-HAS_EXT = _ext.LOADED
-HAS_TRITON = ops._kernels is not None and ops._kernels.HAS_TRITON
+HAS_EXT = backends.load_ext()  # the "ext" cases call torch.ops.drllm.* directly, whatever the backend mode
+HAS_TRITON = backends.kernels is not None and backends.kernels.HAS_TRITON
 
 
 def _sync(device):
@@ -100,7 +101,7 @@ def test_pooling_all_blocks(benchmark, device, dtype, impl):
     benchmark.group = f"pooling+router {L} blocks B={B} T={T} H={H} {device} {str(dtype)[6:]}"
     hidden, mask, params = _pooling_inputs(device, dtype)
     if impl == "triton":
-        fn1 = ops._kernels.pooled_router_logits_triton
+        fn1 = backends.kernels.pooled_router_logits_triton
     else:
         fn1 = POOLING[impl]
 
@@ -138,7 +139,7 @@ def _row_cases():
 
 def _rows_impls(device):
     impls = ["torch"]
-    if HAS_EXT and _ext.has_kernel("gather_rows", device):
+    if HAS_EXT and ops.has_kernel("gather_rows", device):
         impls.append("ext")
     if device == "cuda":
         impls.append("d2d_copy")

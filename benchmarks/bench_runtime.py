@@ -1,6 +1,6 @@
 """pytest-benchmark suites of the routed runtime, each next to its vanilla baseline.
 
-The same comparisons as ``drllm bench`` (drllm/bench.py): routing overhead
+The same comparisons as ``drllm bench`` (drllm/bench/): routing overhead
 against a prefill, batch-1 generation on fixed paths against vanilla,
 throughput with paper-statistics paths against vanilla, and gather/scatter
 against run-all-and-select. Each benchmark's ``extra_info`` records its
@@ -18,7 +18,7 @@ lengths); ``DRLLM_BENCH_FULL=1`` uses the issue's sizes (T up to 2048, 256 and
 1,000 new tokens, batch up to 64 on the CPU and 128 on CUDA), and
 ``DRLLM_BENCH_THREADS`` the CPU threads (default 1), and
 ``DRLLM_BENCH_MODEL`` picks the model (``embedded``, or ``random:<config>``
-with a config of ``drllm.bench.RANDOM_CONFIGS``, e.g. ``random:llama-3.1-8b``
+with a config of ``drllm.bench.config.RANDOM_CONFIGS``, e.g. ``random:llama-3.1-8b``
 on a GPU).
 """
 
@@ -31,8 +31,14 @@ import pytest
 import torch
 
 import drllm
-from drllm import bench
-from drllm.runtime import executor
+from drllm.bench.config import random_model
+from drllm.bench.policy import policy_paths
+from drllm.bench.routing import execute_routers
+from drllm.bench.workload import (evenly_skipped_path, generate_exactly, path_statistics, random_tokens, routed,
+                                  sample_paths, union_passes)
+from drllm.routing.decide import choose
+from drllm.routing.pooling import Pooling
+from drllm.runtime.plan import restore_row_policy, set_row_policy
 
 FULL = os.environ.get("DRLLM_BENCH_FULL", "").strip() not in ("", "0")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,7 +77,7 @@ def model():
         if threads:
             torch.set_num_threads(threads)
     if MODEL.startswith("random:"):
-        m = bench.random_model(MODEL[len("random:"):], device=DEVICE)
+        m = random_model(MODEL[len("random:"):], device=DEVICE)
     else:
         from drllm.models import load_model
 
@@ -87,12 +93,12 @@ def variant(model, name, paths=None):
     if name == "vanilla":
         yield model
         return
-    with bench._routed(model, paths):
+    with routed(model, paths):
         yield model
 
 
 def generate(model, ids, n):
-    return bench._generate(model, ids, n)
+    return generate_exactly(model, ids, n)
 
 
 # --------------------------------------------------------------------------- 1. routing overhead
@@ -101,22 +107,22 @@ def generate(model, ids, n):
 @pytest.mark.parametrize("T", PREFILL)
 @pytest.mark.parametrize("what", ["vanilla-prefill", "routers-all-blocks", "routed-prefill"])
 def test_routing_overhead(benchmark, model, T, what):
-    ids = bench._tokens(model, 1, T, T)
+    ids = random_tokens(model, 1, T, T)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    routers = bench.execute_routers(model)
+    routers = execute_routers(model)
     if what == "routers-all-blocks":
         hidden = torch.randn(1, T, H, device=DEVICE, dtype=model.dtype)
         mask = torch.ones(1, T, dtype=torch.long, device=DEVICE)
 
         def fn():
-            pooling = executor.Pooling(routers, mask)
+            pooling = Pooling(routers, mask)
             for i in range(L):
-                executor.choose(pooling.logits(i, hidden), 0.0)
+                choose(pooling.logits(i, hidden), 0.0)
     else:
         def fn():
             model(input_ids=ids, use_cache=True)
 
-    ctx = bench._routed(model, routers=routers) if what == "routed-prefill" else contextlib.nullcontext()
+    ctx = routed(model, routers=routers) if what == "routed-prefill" else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         _pedantic(benchmark, fn, group=f"routing T={T}", baseline="vanilla-prefill", T=T, variant=what)
 
@@ -128,13 +134,13 @@ def test_routing_overhead(benchmark, model, T, what):
 @pytest.mark.parametrize("path", ["vanilla", "all-execute", "skip-3", "skip-5", "skip-8", "all-skip"])
 def test_generation_latency(benchmark, model, n, path):
     L = model.config.num_hidden_layers
-    ids = bench._tokens(model, 1, 32, 0)
+    ids = random_tokens(model, 1, 32, 0)
     paths = None
     if path.startswith("skip-"):
         k = int(path.split("-")[1])
         if k >= L:
             pytest.skip(f"the model has {L} blocks")
-        paths = bench.skip_path(L, k)
+        paths = evenly_skipped_path(L, k)
     elif path == "all-skip":  # the fixed cost: embeddings, norm, head, the generate loop
         paths = torch.zeros(L, dtype=torch.int64)
     with variant(model, path, paths):
@@ -149,14 +155,14 @@ def test_generation_latency(benchmark, model, n, path):
 @pytest.mark.parametrize("what", ["vanilla", "routed", "all-skip"])
 def test_throughput(benchmark, model, batch, what):
     L = model.config.num_hidden_layers
-    ids = bench._tokens(model, batch, 16, batch)
-    paths = bench.sample_paths(batch, L, generator=torch.Generator().manual_seed(batch))
+    ids = random_tokens(model, batch, 16, batch)
+    paths = sample_paths(batch, L, generator=torch.Generator().manual_seed(batch))
     if what == "all-skip":
         paths = torch.zeros(L, dtype=torch.int64)
     with variant(model, what, paths):
         _pedantic(benchmark, lambda: generate(model, ids, THROUGHPUT_TOKENS), group=f"throughput batch={batch}",
-                  baseline="vanilla", tokens=batch * THROUGHPUT_TOKENS, union_passes=bench.union_passes(paths),
-                  num_blocks=L, **bench.path_statistics(paths))
+                  baseline="vanilla", tokens=batch * THROUGHPUT_TOKENS, union_passes=union_passes(paths),
+                  num_blocks=L, **path_statistics(paths))
 
 
 # --------------------------------------------------------------------------- 4. gather vs select
@@ -166,12 +172,12 @@ def test_throughput(benchmark, model, batch, what):
 @pytest.mark.parametrize("policy", ["gather", "select"])
 def test_gather_vs_select(benchmark, model, batch, fraction, policy):
     L = model.config.num_hidden_layers
-    ids = bench._tokens(model, batch, 16, batch)
-    paths = bench.policy_paths(batch, L, fraction)
-    previous = executor.set_row_policy(policy)
+    ids = random_tokens(model, batch, 16, batch)
+    paths = policy_paths(batch, L, fraction)
+    previous = set_row_policy(policy)
     try:
         with variant(model, "routed", paths):
             _pedantic(benchmark, lambda: generate(model, ids, THROUGHPUT_TOKENS),
                       group=f"policy batch={batch} active={fraction}", baseline="gather", policy=policy)
     finally:
-        executor.restore_row_policy(previous)
+        restore_row_policy(previous)

@@ -66,7 +66,9 @@ def build(out: Path, limit: float) -> dict:
         status, more = run([PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], limit,
                            out / "build-no-deps.log")
         seconds += more
-    probe = "from drllm import _ext; assert _ext.has_kernel('gather_rows', 'cuda'), _ext.ERROR; print('cuda kernels')"
+    probe = ("from drllm import ops; from drllm.ops import backends; "
+             "assert backends.load_ext() and ops.has_kernel('gather_rows', 'cuda'), ops.backend('cuda')['ext']; "
+             "print('cuda kernels')")
     r = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd="/")
     ok = status == "passed" and r.returncode == 0
     return {"status": "passed" if ok else (status if status != "passed" else "failed"), "seconds": seconds,

@@ -8,16 +8,16 @@ from ._lazy import lazy_attributes
 
 # public name -> the module defining it; a new public name is one line here
 _LAZY = {
-    "Routers": ".routers",
+    "Routers": ".routing.routers",
     "patch": ".runtime.patch",
     "unpatch": ".runtime.patch",
-    "forced_paths": ".runtime.patch",
-    "last_paths": ".runtime.patch",
-    "set_lam": ".runtime.patch",
-    "observe": ".runtime.patch",
-    "block_states": ".runtime.patch",
     "is_patched": ".runtime.patch",
-    "compile": ".runtime.patch",
+    "forced_paths": ".runtime.control",
+    "last_paths": ".runtime.control",
+    "set_lam": ".runtime.control",
+    "observe": ".runtime.control",
+    "block_states": ".runtime.control",
+    "compile": ".runtime.compile:compile_model",
     "as_paths": ".paths",
     "default_path": ".paths",
     "path_length": ".paths",

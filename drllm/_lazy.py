@@ -6,13 +6,15 @@ import importlib
 
 
 def lazy_attributes(package: str, table: dict[str, str], namespace: dict):
-    """A module ``__getattr__``: ``name`` comes from the module ``table[name]`` (relative to ``package``),
-    imported on first use and then kept in ``namespace`` (the module's globals)."""
+    """A module ``__getattr__``: ``name`` comes from ``table[name]``, a module relative to ``package``
+    (``".mod"``: its attribute ``name``; ``".mod:attr"``: its attribute ``attr``), imported on first use and
+    then kept in ``namespace`` (the module's globals)."""
 
     def __getattr__(name: str):
         if name not in table:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(table[name], package), name)
+        module, _, attr = table[name].partition(":")
+        value = getattr(importlib.import_module(module, package), attr or name)
         namespace[name] = value
         return value
 

@@ -2,13 +2,14 @@
 
 A newcomer's first run: the frozen model gets routers from paths found by
 the search on ARC-Easy train items (knobs chosen on their dev part), and is
-compared with itself and with the static baselines of :mod:`drllm.baselines`
+compared with itself and with the static baselines of :mod:`drllm.eval.baselines`
 at equal compute on ARC-Easy validation and, out of domain, ARC-Challenge
-validation (:func:`drllm.evaluate.compare`). Validation is read once, after
+validation (:func:`drllm.eval.compare.compare`). Validation is read once, after
 every choice was made. Every stage writes its results to ``out_dir``; search
 and training resume from them.
 The settings are importable without torch (``drllm demo --help`` shows them);
-the pipeline imports it when it runs.
+the pipeline imports it when it runs. Library code: it imports no command;
+``drllm demo`` prints what it returns.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .commands.common import format_table, write_json_atomic
-from .commands.train import selection_lines
+from .artifacts import write_json
+from .eval.report import format_table, frontier_plot, frontier_table, routers_vs_baselines, selection_lines
 from .models import DEFAULT_MODEL
 
 TASK = "arc_easy"
@@ -33,7 +34,7 @@ class DemoSettings:
     ``min_margin``: how decisively a searched path must win to be learned
     (:func:`drllm.train.label_path`), and ``lam`` the control knob; None
     chooses each from its grid on the dev part of the searched items
-    (:func:`drllm.train.select_routers`), a value fixes it. ``probe_skips``:
+    (:func:`drllm.eval.selection.select_routers`), a value fixes it. ``probe_skips``:
     also probe every single-block skip on the searched items, so items
     without a decisive path teach the skip the train part shares
     (:func:`drllm.train.train_shared_skip`). ``ks``: blocks each baseline
@@ -70,14 +71,15 @@ def run_demo(
     """Run the pipeline and return its figures (also written to ``out_dir/summary.json``)."""
     import torch
 
-    from .baselines import calibration_set
-    from .evaluate import choose_baselines, compare
+    from .eval.baselines import calibration_set
+    from .eval.compare import choose_baselines, compare
+    from .eval.selection import LAMS, MARGINS, select_routers
     from .integrations.plotting import decision_heatmap, decision_histogram
     from .models import load_model
-    from .routers import Routers
+    from .routing.routers import Routers
     from .search import SearchConfig, block_gains, probe_skips, run_search
     from .tasks import load_task
-    from .train import LAMS, MARGINS, TrainConfig, select_routers
+    from .train import TrainConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ def run_demo(
 
     # shortgpt's calibration and static's selection: the dev part recorded with the routers (train split)
     calibration, source = calibration_set(TASK, [e for items in evaluated.values() for e in items], n=0,
-                                          routers_dir=out / "routers", train=train_items)
+                                          dev_ids=selection["dev_ids"], train=train_items)
     routers = Routers.from_pretrained(out / "routers")
     ks = [k for k in settings.ks if k < routers.num_blocks]  # a small model cannot drop K >= L blocks
     with torch.no_grad():
@@ -162,20 +164,17 @@ def run_demo(
         "figures": figures,
     }
     _write_report(out / "report.md", summary, reports)
-    write_json_atomic(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return {**summary, "tables": {task: r["tables"] for task, r in reports.items()}}
 
 
 def _dataset_report(out: Path, task: str, title: str, methods: list[dict]) -> dict:
     """One evaluated split: the comparison table, routers against each baseline, the frontier plot."""
-    from .evaluate import frontier_table, routers_vs_baselines
-    from .integrations.plotting import frontier_plot
-
     n = methods[0]["n"]
     tables = (format_table(*frontier_table(methods)), format_table(*routers_vs_baselines(methods)))
     figure = frontier_plot(methods, out / f"frontier-{task}.png", title=f"{title}: accuracy vs compute (n={n})")
     (out / f"frontier-{task}.md").write_text(tables[0] + "\n\n" + tables[1] + "\n")
-    write_json_atomic(out / f"methods-{task}.json", methods)
+    write_json(out / f"methods-{task}.json", methods)
     return {"tables": tables, "figure": Path(figure).name}
 
 

@@ -7,7 +7,7 @@ import sys
 from transformers import TextStreamer
 
 from .paths import path_to_str
-from .runtime.patch import last_paths
+from .runtime.control import last_paths
 
 
 class PathStreamer(TextStreamer):

@@ -12,8 +12,12 @@ from test_evaluate import arc_examples, decisive_routers
 from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
-import drllm.baselines as bl
-from drllm.evaluate import compare, evaluate_path, mcnemar_exact, paired_test, routers_vs_baselines, verdict
+import drllm.eval.baselines as bl
+from drllm.eval.compare import compare
+from drllm.eval.report import routers_vs_baselines, verdict
+from drllm.eval.scoring import evaluate_path
+from drllm.eval.selection import read_selection
+from drllm.eval.stats import mcnemar_exact, paired_test
 from drllm.search.mcts import skip_run_ok
 from drllm.tasks import cloze_requests, encode_request
 
@@ -78,7 +82,7 @@ def test_exit_equals_first_blocks_then_norm_and_head(setup, k):
     model, tok = setup
     skips = bl.exit_skips(L, k)
     assert skips == list(range(L - k, L))
-    path = bl.skip_path(L, skips)
+    path = bl.skip_set_path(L, skips)
     examples = arc_examples(4)
     manual = []
     for ex in examples:
@@ -106,7 +110,7 @@ def test_random_skips_respect_constraints_and_seed():
         for seed in range(20):
             skips = bl.random_skips(8, k, seed)
             assert skips == sorted(set(skips)) and len(skips) == k and all(0 <= b < 8 for b in skips)
-            assert skip_run_ok(bl.skip_path(8, skips), 2)
+            assert skip_run_ok(bl.skip_set_path(8, skips), 2)
             assert bl.random_skips(8, k, seed) == skips  # seeded
             seen.add(tuple(skips))
     assert len(seen) > 50  # seeds draw different sets
@@ -128,7 +132,7 @@ def test_greedy_static_picks_best_set_on_constructed_case():
     assert [len(c) for c in calls] == [6, 5, 3]  # block 2 is not a candidate at step 3
     from itertools import combinations
 
-    valid = [s for s in combinations(range(6), 3) if skip_run_ok(bl.skip_path(6, s), 2)]
+    valid = [s for s in combinations(range(6), 3) if skip_run_ok(bl.skip_set_path(6, s), 2)]
     assert list(max(valid, key=lambda s: sum(gain[b] for b in s))) == sets[3]
     # ties go to the lower block
     assert bl.greedy_skip_sets(lambda paths: [(0,)] * len(paths), 6, 2) == {1: [0], 2: [0, 1]}
@@ -138,7 +142,7 @@ def test_static_selection_scores_match_evaluation(setup):
     """The selection scorer (the search's path evaluator) agrees with the evaluation on every single skip."""
     model, tok = setup
     examples = arc_examples(6)
-    paths = [bl.skip_path(L, [b]) for b in range(L)]
+    paths = [bl.skip_set_path(L, [b]) for b in range(L)]
     scores = bl.accuracy_scorer(model, tok, examples)(paths)
     rows = [evaluate_path(model, tok, examples, p) for p in paths]
     assert [s[0] for s in scores] == [sum(r["correct"] for r in rs) / len(examples) for rs in rows]
@@ -258,7 +262,7 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
     from drllm.tasks import load_task
 
     items = load_task("arc_easy", "validation", data_dir=saved / "data")
-    direct = evaluate_path(model, tok, items, bl.skip_path(L, [L - 1]), batch_size=4)
+    direct = evaluate_path(model, tok, items, bl.skip_set_path(L, [L - 1]), batch_size=4)
     assert methods[7]["correct"] == sum(r["correct"] for r in direct)
     assert payload["baselines"]["shortgpt"]["calibration_ids"] == [f"q{i}" for i in range(5)]
     assert len(payload["baselines"]["shortgpt"]["block_influence"]) == L
@@ -309,7 +313,8 @@ def test_compare_refuses_overlap_and_uses_recorded_dev_part(setup, saved):
         compare(model, tok, examples, baselines=[("shortgpt", [1])], calibration=arc_examples(4)[2:])
     record_dev_part(saved, ["q6", "q2"])
     try:
-        items, source = bl.calibration_set("arc_easy", examples[:1], n=5, routers_dir=saved / "routers",
+        items, source = bl.calibration_set("arc_easy", examples[:1], n=5,
+                                           dev_ids=read_selection(saved / "routers")["dev_ids"],
                                            data_dir=saved / "data")
     finally:
         (saved / "routers" / "selection.json").unlink()

@@ -12,8 +12,13 @@ import torch
 
 import drllm
 from conftest import output_cache, random_batch, tiny_model
-from drllm import bench
-from drllm.runtime import executor
+from drllm.bench import run as run_bench
+from drllm.bench import workload
+from drllm.bench.config import BenchConfig, random_model
+from drllm.bench.policy import crossover, policy_paths
+from drllm.routing.pooling import Pooling
+from drllm.runtime import executor, plan
+from drllm.runtime.plan import Rows
 
 L = 4
 
@@ -50,7 +55,7 @@ def test_bench_command_end_to_end_writes_json(tmp_path, capsys, monkeypatch):
         assert 1 <= r["union_passes"] <= 16
     assert {(r["batch"], r["active_fraction"]) for r in suites["policy"]} == {(4, 0.5), (4, 0.75)}
     assert set(data["policy_crossover"]) == {"4"}
-    assert executor.row_policy()["policy"] == "auto", "the bench restores the row policy"
+    assert plan.row_policy()["policy"] == "auto", "the bench restores the row policy"
     _check_targets(data, {"routing_overhead_T32", "all_execute_vs_vanilla_eager", "fixed_path_share_of_ideal_eager",
                           "throughput_B1_share_of_bound", "throughput_B3_share_of_bound"})
 
@@ -91,53 +96,53 @@ def test_bench_compile_and_kernels_suites(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_refuses_a_patched_model_and_unknown_suites():
-    model = bench.random_model("tiny")
-    cfg = bench.BenchConfig(suites=("nope",))
+    model = random_model("tiny")
+    cfg = BenchConfig(suites=("nope",))
     with pytest.raises(ValueError, match="unknown suite"):
-        bench.run(model, cfg, log=lambda m: None)
+        run_bench(model, cfg, log=lambda m: None)
     drllm.patch(model)
     with pytest.raises(ValueError, match="unpatched"):
-        bench.run(model, bench.BenchConfig(), log=lambda m: None)
+        run_bench(model, BenchConfig(), log=lambda m: None)
 
 
 @pytest.mark.parametrize("batch", [8, 64])
 def test_sampled_paths_match_the_paper_statistics(batch):
     g = torch.Generator().manual_seed(batch)
-    paths = torch.cat([bench.sample_paths(batch, 30, generator=g) for _ in range(4000 // batch)])
+    paths = torch.cat([workload.sample_paths(batch, 30, generator=g) for _ in range(4000 // batch)])
     assert paths.shape[1] == 30 and paths.min() >= 0 and paths.max() <= 2
-    stats = bench.path_statistics(paths)
-    assert abs(stats["skip"] - bench.PAPER_SKIP) < 0.01
-    assert abs(stats["repeat"] - bench.PAPER_REPEAT) < 0.005
+    stats = workload.path_statistics(paths)
+    assert abs(stats["skip"] - workload.PAPER_SKIP) < 0.01
+    assert abs(stats["repeat"] - workload.PAPER_REPEAT) < 0.005
     # Agreement is a within-batch property: measure it per sampled batch.
-    per_batch = [bench.path_statistics(bench.sample_paths(batch, 30, generator=g))["agreement"] for _ in range(200)]
-    assert abs(sum(per_batch) / len(per_batch) - bench.PAPER_AGREEMENT) < 0.01
+    per_batch = [workload.path_statistics(workload.sample_paths(batch, 30, generator=g))["agreement"] for _ in range(200)]
+    assert abs(sum(per_batch) / len(per_batch) - workload.PAPER_AGREEMENT) < 0.01
 
 
 def test_sampled_paths_other_rates_and_edge_cases():
     g = torch.Generator().manual_seed(0)
-    paths = bench.sample_paths(40, 12, agreement=0.95, skip=0.2, repeat=0.1, generator=g)
-    stats = bench.path_statistics(torch.cat([paths] + [bench.sample_paths(40, 12, 0.95, 0.2, 0.1, g) for _ in range(1000)]))
+    paths = workload.sample_paths(40, 12, agreement=0.95, skip=0.2, repeat=0.1, generator=g)
+    stats = workload.path_statistics(torch.cat([paths] + [workload.sample_paths(40, 12, 0.95, 0.2, 0.1, g) for _ in range(1000)]))
     assert abs(stats["skip"] - 0.2) < 0.02 and abs(stats["repeat"] - 0.1) < 0.02
-    assert (bench.sample_paths(50, 3, skip=0.9, repeat=0.0, generator=g).sum(1) >= 1).all(), "no empty path"
-    assert bench.path_statistics(torch.ones(1, 5, dtype=torch.long))["agreement"] == 1.0
+    assert (workload.sample_paths(50, 3, skip=0.9, repeat=0.0, generator=g).sum(1) >= 1).all(), "no empty path"
+    assert workload.path_statistics(torch.ones(1, 5, dtype=torch.long))["agreement"] == 1.0
     with pytest.raises(ValueError, match="rates"):
-        bench.sample_paths(2, 4, skip=0.8, repeat=0.5)
+        workload.sample_paths(2, 4, skip=0.8, repeat=0.5)
 
 
-def test_union_passes_and_skip_paths():
+def test_union_passes_and_evenly_skipped_paths():
     paths = torch.tensor([[1, 0, 2, 1], [1, 0, 1, 0], [0, 0, 1, 2]])
-    assert bench.union_passes(paths) == 3 + 2  # blocks 0, 2, 3 run once; 2 and 3 repeated by some row
+    assert workload.union_passes(paths) == 3 + 2  # blocks 0, 2, 3 run once; 2 and 3 repeated by some row
     for k in (0, 3, 5, 8):
-        p = bench.skip_path(30, k)
+        p = workload.evenly_skipped_path(30, k)
         assert int((p == 0).sum()) == k and p[0] == 1 and p[-1] == 1 and set(p.tolist()) <= {0, 1}
-    assert int((bench.policy_paths(8, 6, 0.5)[:, 0] >= 1).sum()) == 4
+    assert int((policy_paths(8, 6, 0.5)[:, 0] >= 1).sum()) == 4
 
 
 def test_crossover_is_the_fraction_from_which_select_wins():
     rows = [{"batch": 8, "active_fraction": f, "select_vs_gather": r} for f, r in ((0.25, 1.2), (0.5, 0.9), (0.75, 1.05), (0.9, 0.8))]
     rows += [{"batch": 16, "active_fraction": f, "select_vs_gather": r} for f, r in ((0.5, 1.1), (0.9, 1.2))]
     rows += [{"batch": 32, "active_fraction": f, "select_vs_gather": r} for f, r in ((0.5, 0.9), (0.9, 0.95))]
-    assert bench.crossover(rows) == {"8": 0.9, "16": None, "32": 0.5}
+    assert crossover(rows) == {"8": 0.9, "16": None, "32": 0.5}
 
 
 # --------------------------------------------------------------------------- executor optimisations
@@ -160,9 +165,9 @@ def _generate(model, ids, mask, n=7, **kw):
 
 @pytest.fixture
 def policy():
-    previous = executor.set_row_policy("auto")
-    yield executor.set_row_policy
-    executor.restore_row_policy(previous)
+    previous = plan.set_row_policy("auto")
+    yield plan.set_row_policy
+    plan.restore_row_policy(previous)
 
 
 @torch.no_grad()
@@ -195,11 +200,11 @@ def test_select_policy_plans_and_slot_rows(policy):
     ids, mask = random_batch(4, 6, seed=25)
     paths = torch.tensor([[1, 0, 2, 1], [1, 1, 1, 1], [0, 1, 2, 1], [1, 1, 1, 2]])
     policy("auto", select_from=0.5)  # select when at least half of the rows run the pass
-    current, cpu = executor._POLICY.get(), torch.device("cpu")
-    plan = executor.plan_block(paths[:, 0], cpu, current, {})
-    assert plan[0].mode == executor.SELECT and plan[0].mask.shape == (4, 1, 1) and plan[1].mode == executor.NONE
-    assert executor.plan_block(paths[:, 2], cpu, current, {})[1].mode == executor.SELECT
-    assert executor.plan_block(paths[:, 3], cpu, current, {})[1].mode == executor.SOME  # 1 of 4 rows
+    current, cpu = plan.current_policy(), torch.device("cpu")
+    first = plan.plan_block(paths[:, 0], cpu, current, {})
+    assert first[0].mode == Rows.SELECT and first[0].mask.shape == (4, 1, 1) and first[1].mode == Rows.NONE
+    assert plan.plan_block(paths[:, 2], cpu, current, {})[1].mode == Rows.SELECT
+    assert plan.plan_block(paths[:, 3], cpu, current, {})[1].mode == Rows.SOME  # 1 of 4 rows
     with drllm.forced_paths(model, paths):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         rows = [layer.keys.shape[0] if layer.is_initialized else 0 for layer in output_cache(out).layers]
@@ -222,7 +227,7 @@ def test_select_policy_plans_and_slot_rows(policy):
 def test_row_policy_setting_is_validated(policy):
     with pytest.raises(ValueError, match="row policy"):
         policy("sometimes")
-    assert executor.row_policy()["policy"] == "auto"
+    assert plan.row_policy()["policy"] == "auto"
 
 
 @torch.no_grad()
@@ -231,7 +236,7 @@ def test_hoisted_pooling_equals_routers_logits():
     routers = drllm.Routers.for_model(model, num_windows=3)
     ids, mask = random_batch(4, 10, seed=27, padding="right")
     hidden = torch.randn(4, 10, 48)
-    pooling = executor.Pooling(routers, mask)
+    pooling = Pooling(routers, mask)
     for block in range(L):
         assert torch.equal(pooling.logits(block, hidden), routers.logits(block, hidden, mask))
 

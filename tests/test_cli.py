@@ -28,7 +28,8 @@ def test_help_imports_neither_torch_nor_the_implementations():
     code = ("import sys; from drllm.cli import build_parser; p = build_parser(); "
             "[s.format_help() for s in p._subparsers._group_actions[0].choices.values()]; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy') "
-            "or m in ('drllm.train', 'drllm.search', 'drllm.evaluate', 'drllm.bench', 'drllm.routers')))")
+            "or m in ('drllm.train', 'drllm.search', 'drllm.eval.scoring', 'drllm.eval.compare', "
+            "'drllm.eval.baselines', 'drllm.eval.selection', 'drllm.bench', 'drllm.routing.routers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -13,7 +13,8 @@ from conftest import tiny_model
 from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
-from drllm.evaluate import evaluate, evaluate_path, lam_sweep, score_paths, wilson_interval
+from drllm.eval.scoring import evaluate, evaluate_path, lam_sweep, score_paths
+from drllm.eval.stats import wilson_interval
 from drllm.tasks import Example, cloze_requests, encode_request, generation_prompt
 
 # Tiny models are all per-op overhead: one intra-op thread is faster (far faster on a busy machine).

@@ -6,14 +6,20 @@ index_copy. CUDA tests skip without a GPU (or without a CUDA build).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from drllm import _ext, ops
+from drllm import ops
+from drllm.ops import backends
 
-pytestmark = pytest.mark.skipif(not _ext.LOADED, reason=f"drllm._C not built: {_ext.ERROR}")
+# loaded here whatever DRLLM_OPS_BACKEND says: these tests are about the extension itself
+pytestmark = pytest.mark.skipif(not backends.load_ext(), reason=f"drllm._C not built: {ops.backend('cpu')['ext']}")
 
-HAS_CUDA_EXT = torch.cuda.is_available() and _ext.has_kernel("gather_rows", "cuda")
+HAS_CUDA_EXT = torch.cuda.is_available() and ops.has_kernel("gather_rows", "cuda")
 cuda_only = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a GPU and drllm._C built with CUDA")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
@@ -206,6 +212,25 @@ def test_fake_compact_rows_has_dynamic_size():
     assert tuple(g.shape) == (4, 3, 5)
 
 
+def test_fakes_registered_when_the_extension_loads_after_import():
+    """Not loaded at import (DRLLM_OPS_BACKEND=reference): set_backend loads it, and its fakes come with it."""
+    code = (
+        "import torch, drllm.ops as o\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "assert o.backend('cpu')['ext'].startswith('unavailable')\n"
+        "o.set_backend('auto')\n"
+        "assert o.backend('cpu')['rows'] == 'ext'\n"
+        "with FakeTensorMode():\n"
+        "    g = torch.ops.drllm.gather_rows(torch.empty(7, 3), torch.empty(4, dtype=torch.long))\n"
+        "print(tuple(g.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DRLLM_NO_EXT"}
+    env["DRLLM_OPS_BACKEND"] = "reference"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("(4, 3)")
+
+
 def test_torch_compile_gather_scatter():
     def step(x, idx, src):
         return torch.ops.drllm.scatter_rows(x, idx, torch.ops.drllm.gather_rows(src, idx) * 2)
@@ -217,6 +242,12 @@ def test_torch_compile_gather_scatter():
 
 
 # ----------------------------------------------------------------------------- dispatch
+
+
+def test_has_kernel_reports_the_loaded_kernels():
+    assert all(ops.has_kernel(op, "cpu") for op in backends.EXT_OPS)
+    assert not ops.has_kernel("gather_rows", "mps")  # a device type the extension never builds
+    assert ops.backend("cpu")["ext"] == "loaded" and "cpu" in ops.backend("cpu")["ext_devices"]
 
 
 def test_dispatch_uses_extension_on_cpu(monkeypatch):

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from conftest import make_inputs
 
 from drllm import ops
+from drllm.ops import backends
 
 
 def loop_pooled_logits(hidden, mask, num_windows, w1, b1, w2, b2):
@@ -206,10 +207,10 @@ def test_forced_backend(forced):
 
 
 def test_env_var_parsing():
-    assert ops._parse_backend(None) == "auto"
-    assert ops._parse_backend(" Triton ") == "triton"
+    assert backends._parse_backend(None) == "auto"
+    assert backends._parse_backend(" Triton ") == "triton"
     with pytest.warns(RuntimeWarning, match="DRLLM_OPS_BACKEND"):
-        assert ops._parse_backend("fast") == "auto"
+        assert backends._parse_backend("fast") == "auto"
 
 
 def test_import_without_extension_or_triton():

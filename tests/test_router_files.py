@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import drllm
-import drllm.routers as routers_mod
-from drllm.routers import CONFIG_NAME, WEIGHTS_NAME, RouterFileError
+import drllm.routing.routers as routers_mod
+from drllm.routing.routers import CONFIG_NAME, WEIGHTS_NAME, RouterFileError
 
 H, L = 16, 3
 

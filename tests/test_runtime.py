@@ -399,3 +399,31 @@ def test_prefix_reuse_equals_full_forward(family, ops_backend):
     with pytest.raises(ValueError, match="use_cache=False"):
         with drllm.forced_paths(model, paths, prefix=(states, sources)):
             model(input_ids=rows_ids, attention_mask=rows_mask)
+
+
+@torch.no_grad()
+def test_each_call_returns_its_own_decisions(family):
+    """A call's decisions come back on its output (forward, base model, generate), not through a side channel."""
+    model = tiny_model(family)
+    routers = drllm.Routers.for_model(model)
+    torch.manual_seed(3)
+    for mlp in routers.mlps:
+        torch.nn.init.normal_(mlp.fc2.bias, std=2.0)
+    drllm.patch(model, routers, max_skip_run=None)
+    ids_a, mask_a = random_batch(3, 9, seed=4)
+    ids_b, mask_b = random_batch(2, 7, seed=5)
+    out_a = model(input_ids=ids_a, attention_mask=mask_a)
+    out_b = model.model(input_ids=ids_b, attention_mask=mask_b)
+    assert out_a.paths.shape == (3, L) and out_b.paths.shape == (2, L)
+    assert torch.equal(out_b.paths, drllm.last_paths(model)), "last_paths is the last call's decisions"
+    with drllm.forced_paths(model, out_a.paths):
+        assert torch.equal(model(input_ids=ids_a, attention_mask=mask_a).logits, out_a.logits)
+    gen = model.generate(input_ids=ids_a, attention_mask=mask_a, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    assert torch.equal(gen.paths, out_a.paths), "routed once on the prompt, as the prompt's forward is"
+    assert torch.equal(gen.past_key_values.decisions, gen.paths)
+    with drllm.forced_paths(model, [0, 1, 2, 1]):
+        forced = model(input_ids=ids_b, attention_mask=mask_b)
+    assert forced.paths.tolist() == [[0, 1, 2, 1]] * 2
+    drllm.unpatch(model)
+    assert "paths" not in model(input_ids=ids_b, attention_mask=mask_b), "unpatched outputs are transformers' own"

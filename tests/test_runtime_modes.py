@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import drllm
-from drllm.runtime.executor import LAM_SCALE, choose
+from drllm.routing import LAM_SCALE, choose
 from conftest import random_batch, tiny_model
 from test_runtime import explicit_logits, generate, random_paths
 
@@ -267,24 +267,24 @@ def test_lambda_rule_through_the_model(routed):
 
 def test_backend_and_row_policy_choices_belong_to_the_calling_thread():
     from drllm import ops
-    from drllm.runtime import executor
+    from drllm.runtime import plan
 
     def other_thread() -> dict:
         seen = {}
-        t = threading.Thread(target=lambda: seen.update(mode=ops.backend("cpu")["mode"], policy=executor.row_policy()))
+        t = threading.Thread(target=lambda: seen.update(mode=ops.backend("cpu")["mode"], policy=plan.row_policy()))
         t.start()
         t.join()
         return seen
 
     before = other_thread()
     previous_backend = ops.set_backend("reference" if before["mode"] != "reference" else "ext")
-    previous_policy = executor.set_row_policy("select" if before["policy"]["policy"] != "select" else "gather", 0.5)
+    previous_policy = plan.set_row_policy("select" if before["policy"]["policy"] != "select" else "gather", 0.5)
     try:
-        assert ops.backend("cpu")["mode"] != before["mode"] and executor.row_policy() != before["policy"]
+        assert ops.backend("cpu")["mode"] != before["mode"] and plan.row_policy() != before["policy"]
         assert other_thread() == before
     finally:
         ops.set_backend(previous_backend)
-        executor.restore_row_policy(previous_policy)
+        plan.restore_row_policy(previous_policy)
 
 
 @torch.no_grad()

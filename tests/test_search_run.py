@@ -167,7 +167,7 @@ def test_cli_torchrun_ranks_and_merge(reference, setup, tmp_path, monkeypatch, c
 def test_skip_probe_matches_direct_evaluation_and_resumes(setup, tmp_path):
     """Each probe record holds the margins PathEvaluator gives the single-skip paths; a rerun after a torn
     last line recomputes only what is missing and ends with the same records."""
-    from drllm.search import PathEvaluator, block_gains, probe_skips, shared_skip, skip_paths
+    from drllm.search import PathEvaluator, block_gains, probe_skips, shared_skip, single_skip_paths
 
     model, tok = setup
     examples = make_examples(4)
@@ -177,7 +177,7 @@ def test_skip_probe_matches_direct_evaluation_and_resumes(setup, tmp_path):
     for ex, rec in zip(examples, records):
         ev = PathEvaluator(model, tok, ex, mode="loglik", prefix=False)
         assert rec["num_blocks"] == 5 and rec["default_margin"] == pytest.approx(ev.default.margin, abs=1e-4)
-        assert rec["skip_margins"] == pytest.approx([r.margin for r in ev.evaluate(skip_paths(5))], abs=1e-4)
+        assert rec["skip_margins"] == pytest.approx([r.margin for r in ev.evaluate(single_skip_paths(5))], abs=1e-4)
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:2]) + lines[2][:15])  # interrupted while writing the third record
     again = probe_skips(model, tok, examples, out, config=CONFIG, progress=False)

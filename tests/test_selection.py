@@ -14,9 +14,10 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
 import drllm.train as train
+from drllm.eval import selection
 from drllm.search import SearchConfig, run_search, shared_skip
 from drllm.tasks import cloze_context, encode_request, load_task
-from drllm.train import loop, selection
+from drllm.train import loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,9 +52,12 @@ def _cfg(tmp_path, **kw):
 def test_public_api_is_the_package():
     for name in train.__all__:
         assert getattr(train, name) is not None, name
-    assert train.train_routers is loop.train_routers and train.select_routers is selection.select_routers
-    assert {"TrainConfig", "train_routers", "select_routers", "read_selection", "label_path", "trusted_labels",
+    assert train.train_routers is loop.train_routers
+    assert {"TrainConfig", "train_routers", "label_path", "trusted_labels",
             "load_path_records", "extract_features", "focal_loss", "class_weights"} <= set(train.__all__)
+    # choosing the knobs scores candidates on dev: evaluation's, above training (train never imports eval)
+    assert {"select_routers", "read_selection", "LAMS", "MARGINS", "SELECTION_NAME"} <= set(selection.__all__)
+    assert not {"select_routers", "read_selection", "LAMS", "MARGINS", "SELECTION_NAME"} & set(train.__all__)
 
 
 def test_search_records_carry_the_routing_tokens_and_the_item(searched):
@@ -205,11 +209,11 @@ def test_knobs_are_chosen_on_dev_where_validation_disagrees(searched, tmp_path, 
     monkeypatch.setattr(selection, "evaluate", planted)
     monkeypatch.setattr(selection, "Routers", Tagged)
     every_item = {e.id: e for e in list(items) + list(val)}  # validation items within reach: never used
-    chosen = train.select_routers(model, tok, paths, tmp_path / "routers", config=_cfg(tmp_path, epochs=1),
+    chosen = selection.select_routers(model, tok, paths, tmp_path / "routers", config=_cfg(tmp_path, epochs=1),
                                   examples=every_item)
     assert (chosen["min_margin"], chosen["lam"]) == (0.4, -0.25)
     assert seen == set(chosen["dev_ids"]) and not seen & val_ids
-    written = train.read_selection(tmp_path / "routers")
+    written = selection.read_selection(tmp_path / "routers")
     assert written == {k: v for k, v in chosen.items() if k != "run"}
     assert [(e["min_margin"], e["lam"], round(e["accuracy"], 6)) for e in written["scored"]] == [
         (0.1, 0.0, 0.2), (0.2, 0.0, 0.3), (0.4, 0.0, 0.6), (0.4, -0.25, 0.9), (0.4, 0.25, 0.7)]
@@ -219,7 +223,8 @@ def test_knobs_are_chosen_on_dev_where_validation_disagrees(searched, tmp_path, 
 def test_an_interrupted_selection_resumes_to_the_same_choice(searched, tmp_path):
     model, tok, items, _, paths = searched
     cfg = _cfg(tmp_path, epochs=2, dev_fraction=0.25)
-    full = train.select_routers(model, tok, paths, tmp_path / "full", config=cfg, margins=(0.0, 0.3), lams=(0.0, -0.5))
+    full = selection.select_routers(model, tok, paths, tmp_path / "full", config=cfg, margins=(0.0, 0.3),
+                                    lams=(0.0, -0.5))
     calls = []
 
     def stop(epoch, entry):
@@ -228,12 +233,12 @@ def test_an_interrupted_selection_resumes_to_the_same_choice(searched, tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.select_routers(model, tok, paths, tmp_path / "part", config=cfg, margins=(0.0, 0.3), lams=(0.0, -0.5),
+        selection.select_routers(model, tok, paths, tmp_path / "part", config=cfg, margins=(0.0, 0.3), lams=(0.0, -0.5),
                              callback=stop)
     assert not (tmp_path / "part" / "selection.json").exists()
-    part = train.select_routers(model, tok, paths, tmp_path / "part", config=replace(cfg), margins=(0.0, 0.3),
+    part = selection.select_routers(model, tok, paths, tmp_path / "part", config=replace(cfg), margins=(0.0, 0.3),
                                 lams=(0.0, -0.5))
-    assert train.read_selection(tmp_path / "part") == train.read_selection(tmp_path / "full")
+    assert selection.read_selection(tmp_path / "part") == selection.read_selection(tmp_path / "full")
     a = drllm.Routers.from_pretrained(tmp_path / "full").state_dict()
     b = drllm.Routers.from_pretrained(tmp_path / "part").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import UsageError, add_json_arg, add_model_args, format_table, load_model_from_args, write_json_atomic
+from ..eval.report import format_table
+from .common import UsageError, add_json_arg, add_model_args, load_model_from_args, write_json_atomic
 
 RANDOM_PREFIX = "random:"
 
@@ -43,7 +44,7 @@ def load(args):
     import torch
 
     if args.model.startswith(RANDOM_PREFIX):
-        from ..bench import random_model
+        from ..bench.config import random_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -54,28 +55,30 @@ def load(args):
 def run(args) -> int:
     import torch
 
-    from .. import bench
+    from ..bench import SUITES, device_name, run as run_suites
+    from ..bench.config import BenchConfig
+    from ..bench.report import tables
 
     overrides = {"repeats": args.repeats, "prefill_lengths": args.prefill_lengths, "gen_tokens": args.gen_tokens,
                  "batch_sizes": args.batch_sizes, "throughput_tokens": args.tokens, "policy_tokens": args.tokens,
                  "policy_batches": args.policy_batches, "prompt_length": args.prompt_length}
     if args.suites:
         overrides["suites"] = tuple(s.strip() for s in args.suites.split(",") if s.strip())
-        unknown = set(overrides["suites"]) - set(bench.SUITES)
+        unknown = set(overrides["suites"]) - set(SUITES)
         if unknown:
-            raise UsageError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from {', '.join(bench.SUITES)}")
+            raise UsageError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from {', '.join(SUITES)}")
     model = load(args)
     if model.device.type == "cpu" and args.threads != 0:
         torch.set_num_threads(args.threads or 1)
-    cfg = bench.BenchConfig.for_run(args.quick, model.device, **overrides)
+    cfg = BenchConfig.for_run(args.quick, model.device, **overrides)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    info = f"{args.model} on {bench._device_name(model.device)}, {str(model.dtype).replace('torch.', '')}"
+    info = f"{args.model} on {device_name(model.device)}, {str(model.dtype).replace('torch.', '')}"
     log(f"drllm bench: {info}{' (quick)' if args.quick else ''}")
-    results = bench.run(model, cfg, log=log, model_name=args.model)
+    results = run_suites(model, cfg, log=log, model_name=args.model)
     results["info"]["quick"] = bool(args.quick)
     print(f"# drllm bench: {info}; ratios against vanilla measured in the same run (medians of "
           f"{cfg.repeats} interleaved repeats)")
-    for title, headers, rows in bench.tables(results):
+    for title, headers, rows in tables(results):
         print(f"\n## {title}\n")
         print(format_table(headers, rows))
     if "policy_crossover" in results:

@@ -72,11 +72,3 @@ def load_model_from_args(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, dtype=dtype, device=args.device)
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """A GitHub-markdown table, readable in a terminal too."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])

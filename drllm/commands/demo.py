@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 
 from ..demo import DEFAULT, QUICK
+from ..eval.report import selection_lines
 from ..models import cache_dir
 from .common import add_data_args, add_device_arg, add_json_arg, lam_value, positive_int, write_json_atomic
-from .train import margin_value, selection_lines
+from .train import margin_value
 
 
 def default_out(quick: bool) -> str:

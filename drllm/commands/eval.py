@@ -10,7 +10,6 @@ from .common import (
     add_json_arg,
     add_model_args,
     add_task_arg,
-    format_table,
     lam_value,
     load_model_from_args,
     positive_int,
@@ -51,10 +50,10 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import drllm
-    from ..baselines import calibration_set, parse_baselines
-    from ..evaluate import compare, frontier_table, routers_vs_baselines
-    from ..train import read_selection
-    from .train import selection_lines
+    from ..eval.baselines import calibration_set, parse_baselines
+    from ..eval.compare import compare
+    from ..eval.report import format_table, frontier_plot, frontier_table, routers_vs_baselines, selection_lines
+    from ..eval.selection import read_selection
     from ..tasks import ARC_TASKS, load_task
 
     reward = args.reward or ("loglik" if args.task in ARC_TASKS else "generate")
@@ -70,8 +69,8 @@ def run(args) -> int:
     selection = read_selection(args.routers) if args.routers else None
     calibration, source = [], None
     if any(method in ("shortgpt", "static") for method, _ in baselines):
-        calibration, source = calibration_set(args.task, examples, n=args.calib_n, routers_dir=args.routers,
-                                              data_dir=args.data_dir)
+        calibration, source = calibration_set(args.task, examples, n=args.calib_n, data_dir=args.data_dir,
+                                              dev_ids=None if selection is None else selection["dev_ids"])
     model, tokenizer = load_model_from_args(args)
     res = compare(model, tokenizer, examples, routers=routers, lams=args.lam, baselines=baselines,
                   calibration=calibration, seeds=args.seeds, reward=reward, batch_size=args.batch_size,
@@ -89,7 +88,7 @@ def run(args) -> int:
         print("\n" + format_table(*routers_vs_baselines(res["methods"])))
     figures = []
     if args.out_dir:
-        from ..integrations.plotting import decision_heatmap, decision_histogram, frontier_plot
+        from ..integrations.plotting import decision_heatmap, decision_histogram
 
         out = Path(args.out_dir)
         for r in results:

@@ -6,11 +6,11 @@ import argparse
 import contextlib
 import time
 
+from ..eval.report import format_table
 from .common import (
     UsageError,
     add_json_arg,
     add_model_args,
-    format_table,
     lam_value,
     load_model_from_args,
     positive_int,

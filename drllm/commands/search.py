@@ -16,8 +16,9 @@ import os
 import sys
 import time
 
+from ..eval.report import format_table
 from .common import (
-    UsageError, add_data_args, add_json_arg, add_model_args, add_task_arg, format_table, load_model_from_args,
+    UsageError, add_data_args, add_json_arg, add_model_args, add_task_arg, load_model_from_args,
     positive_int, write_json_atomic,
 )
 

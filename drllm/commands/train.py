@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (
-    add_json_arg, add_model_args, format_table, lam_value, load_model_from_args, positive_int,
-    write_json_atomic,
-)
+from ..eval.report import format_table, selection_lines
+from .common import add_json_arg, add_model_args, lam_value, load_model_from_args, positive_int, write_json_atomic
 
 # Options that are TrainConfig fields: left out, they take its defaults (read when training starts, not to build
 # the parser, which must not import torch).
@@ -27,8 +25,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train routers on searched paths (teacher forcing, cached features)",
                               description="The searched items are split into a train and a dev part; routers are "
                               "trained on the train part once per --min-margin, and the margin, lambda and epoch are "
-                              "chosen on the dev part (drllm.train.select_routers). Hyper-parameters left out take "
-                              "the defaults of drllm.train.TrainConfig (AdamW on a focal loss; see its docstring).")
+                              "chosen on the dev part (drllm.eval.selection.select_routers). Hyper-parameters left "
+                              "out take the defaults of drllm.train.TrainConfig (AdamW on a focal loss; see its "
+                              "docstring).")
     add_model_args(p)
     p.add_argument("--paths", required=True, help="JSONL written by `drllm search`")
     p.add_argument("--skips", default=None, metavar="FILE",
@@ -69,7 +68,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..train import CLASS_NAMES, LAMS, MARGINS, TrainConfig, select_routers
+    from ..eval.selection import LAMS, MARGINS, select_routers
+    from ..train import CLASS_NAMES, TrainConfig
 
     given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
     config = TrainConfig(**given, cache_dir=args.cache_dir, limit=args.limit, resume=not args.no_resume,
@@ -102,18 +102,3 @@ def run(args) -> int:
     if args.json:
         write_json_atomic(args.json, selection)
     return 0
-
-
-def selection_lines(selection: dict) -> str:
-    """The chosen knobs and the dev figures they were chosen on, as printed by ``drllm train`` and the demo."""
-    head = (f"chosen on {selection['dev']} dev items: min_margin {selection['min_margin']:g}, "
-            f"lambda {selection['lam']:g}, epoch {selection['epoch']}")
-    if not selection["scored"]:
-        return head + " (nothing to choose: one value of each knob)"
-    v = selection["dev_vanilla"]
-    rows = [["vanilla", "-", "-", f"{v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", "-"]]
-    rows += [[f"min_margin {e['min_margin']:g}", f"{e['lam']:g}", str(e["epoch"]),
-              f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]", f"{e['blocks_per_pass']:.2f}"]
-             for e in selection["scored"]]
-    return head + f" ({selection['rule']})\n" + format_table(
-        ["dev candidate", "λ", "epoch", "dev accuracy [95% CI]", "blocks/pass"], rows)

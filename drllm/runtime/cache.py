@@ -1,12 +1,13 @@
 """Routed KV cache: one slot per (block, pass), each holding only its rows.
 
 Slot ``i`` holds the first pass of block ``i``, slot ``L + i`` the second
-pass of a repeated block. Decisions are frozen at the prefill, so the rows
-that run a given (block, pass) never change during decoding; each slot
-stores the K/V of exactly those rows, in ascending row order, and a skipped
-block stores nothing. Slot layers are transformers' own layer classes
-(dynamic, static, sliding window), copied from the cache ``generate`` or the
-caller created, so their update and mask logic is reused as is.
+pass of a repeated block (:meth:`RoutedCache.slot` is the one place that
+says so). Decisions are frozen at the prefill, so the rows that run a given
+(block, pass) never change during decoding; each slot stores the K/V of
+exactly those rows, in ascending row order, and a skipped block stores
+nothing. Slot layers are transformers' own layer classes (dynamic, static,
+sliding window), copied from the cache ``generate`` or the caller created,
+so their update and mask logic is reused as is.
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ class RoutedCache(Cache):
         return cls(slots, num_blocks)
 
     def slot(self, block: int, second_pass: bool) -> int:
+        """The slot of one (block, pass)."""
         return block + self.num_blocks if second_pass else block
+
+    def view(self, block: int, second_pass: bool) -> "SlotView":
+        """What the block sees as its cache on that pass."""
+        return self.views[self.slot(block, second_pass)]
 
     # -- what transformers asks of a cache ---------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

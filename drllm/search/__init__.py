@@ -9,7 +9,7 @@
 from .evaluator import MODES, PathEvaluator, PathResult
 from .mcts import MCTSConfig, SearchResult, actions, apply_action, is_valid_path, mcts_search, rank_key
 from .run import SearchConfig, merge_shards, read_records, run_search, search_example, shard_path, summarize
-from .skips import block_gains, probe_skips, shared_skip, skip_loses, skip_paths
+from .skips import block_gains, probe_skips, shared_skip, skip_loses, single_skip_paths
 
 __all__ = [
     "MODES",
@@ -30,7 +30,7 @@ __all__ = [
     "shard_path",
     "summarize",
     "probe_skips",
-    "skip_paths",
+    "single_skip_paths",
     "skip_loses",
     "block_gains",
     "shared_skip",

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import forced_paths, observe
+from ..runtime.control import forced_paths, observe
 from ..paths import as_paths, default_path, path_from_str, path_to_str
 from ..runtime.adapters import describe
 from ..tasks import Example, choice_scores_from_loglikelihoods, cloze_requests, encode_request, generate_answers

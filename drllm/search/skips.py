@@ -29,10 +29,10 @@ from ..tasks import Example
 from .evaluator import PathEvaluator
 from .run import SearchConfig, append_missing, output_settings
 
-__all__ = ["probe_skips", "skip_paths", "skip_loses", "block_gains", "shared_skip"]
+__all__ = ["probe_skips", "single_skip_paths", "skip_loses", "block_gains", "shared_skip"]
 
 
-def skip_paths(num_blocks: int) -> list[str]:
+def single_skip_paths(num_blocks: int) -> list[str]:
     """The ``num_blocks`` paths that skip exactly one block."""
     return ["1" * i + "0" + "1" * (num_blocks - i - 1) for i in range(num_blocks)]
 
@@ -58,7 +58,7 @@ def _probe(model: Any, tokenizer: Any, example: Example, config: SearchConfig) -
     start = time.perf_counter()
     ev = PathEvaluator(model, tokenizer, example, mode="loglik", prefix=config.prefix, max_paths=config.batch,
                        max_rows=config.max_rows, style=config.style, normalize=config.normalize)
-    results = ev.evaluate(skip_paths(ev.num_blocks))
+    results = ev.evaluate(single_skip_paths(ev.num_blocks))
     return {"id": example.id, "num_blocks": ev.num_blocks, "default_margin": ev.default.margin,
             "skip_margins": [r.margin for r in results], "seconds": round(time.perf_counter() - start, 4)}
 

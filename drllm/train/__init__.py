@@ -1,4 +1,4 @@
-"""Router training from searched paths: teacher forcing on cached features, knobs chosen on a dev part.
+"""Router training from searched paths: teacher forcing on cached features, with a train/dev split.
 
 - :mod:`~drllm.train.records`: the search's records as training reads them
   (paths, the prompt's token ids, the item);
@@ -9,9 +9,10 @@
 - :mod:`~drllm.train.objective`: loss, class weights, logits, metrics, schedule;
 - :mod:`~drllm.train.checkpoints`: resumable per-epoch checkpoints
   (safetensors + JSON, never pickle);
-- :mod:`~drllm.train.loop`: one training run (:func:`train_routers`);
-- :mod:`~drllm.train.selection`: one run per ``min_margin`` candidate, the
-  margin and lambda chosen on the dev part (:func:`select_routers`).
+- :mod:`~drllm.train.loop`: one training run (:func:`train_routers`).
+
+Choosing ``min_margin`` and lambda on the dev part scores candidates, so it
+lives in evaluation (:mod:`drllm.eval.selection`); train never imports eval.
 """
 
 from .features import FeatureCache, cached_features, extract_features, feature_key
@@ -19,14 +20,10 @@ from .labels import CLASS_NAMES, label_path, load_path_records, split_dev, train
 from .loop import TrainConfig, train_routers
 from .objective import batched_router_logits, class_weights, classification_metrics, focal_loss
 from .records import read_path_records, read_probes, record_example, record_tokens
-from .selection import LAMS, MARGINS, SELECTION_NAME, read_selection, select_routers
 
 __all__ = [
     "CLASS_NAMES",
     "FeatureCache",
-    "LAMS",
-    "MARGINS",
-    "SELECTION_NAME",
     "TrainConfig",
     "batched_router_logits",
     "cached_features",
@@ -39,10 +36,8 @@ __all__ = [
     "load_path_records",
     "read_path_records",
     "read_probes",
-    "read_selection",
     "record_example",
     "record_tokens",
-    "select_routers",
     "split_dev",
     "train_routers",
     "train_shared_skip",

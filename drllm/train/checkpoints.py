@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import ArtifactError, load_tensors, read_json, write_json
-from ..routers import Routers
+from ..routing import Routers
 
 __all__ = ["checkpoint_dirs", "refuse_legacy_state", "save_checkpoint", "save_best", "best_dir", "resume"]
 

@@ -123,7 +123,7 @@ def extract_features(
     entering each block come from :func:`drllm.observe` and are pooled at
     once. Yields ``(indices, means [B, L, W, H] float32, valid [B, W])``.
     """
-    from ..runtime.patch import forced_paths, observe
+    from ..runtime.control import forced_paths, observe
 
     info = describe(model)
     base = info.base

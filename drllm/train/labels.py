@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..search import shared_skip, skip_loses, skip_paths
+from ..search import shared_skip, skip_loses, single_skip_paths
 from .records import read_path_records
 
 __all__ = ["CLASS_NAMES", "EXECUTE", "label_path", "load_path_records", "split_dev", "train_shared_skip",
@@ -48,7 +48,7 @@ def label_path(record: dict, min_margin: float = 0.0, shared: int | None = None,
         best = min(wins, key=lambda g: (sum(map(int, g["path"])), -(g["margin"] or 0.0), g["path"]))
         return best["path"]
     if shared is not None and probe is not None and not skip_loses(probe, shared):
-        return skip_paths(L)[shared]
+        return single_skip_paths(L)[shared]
     return "1" * L
 
 

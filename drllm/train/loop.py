@@ -29,9 +29,9 @@ import torch
 
 from ..artifacts import exclusive_lock, model_fingerprint, write_json
 from ..paths import path_from_str, path_to_str
-from ..routers import Routers
+from ..routing import Routers
 from ..runtime.adapters import describe
-from ..search import skip_paths
+from ..search import single_skip_paths
 from . import checkpoints as ck
 from .features import FeatureCache, cached_features, feature_key
 from .labels import CLASS_NAMES, label_path, split_dev, train_shared_skip, trusted_labels
@@ -52,7 +52,7 @@ class TrainConfig:
     one label per block). ``warmup_ratio`` is the fraction of all steps spent
     in the linear warmup; the cosine then decays to ``min_lr_ratio * lr``.
     ``dev_fraction`` of the records (seeded by ``seed``) form the dev part,
-    on which the epoch is kept (and :func:`drllm.train.select_routers`
+    on which the epoch is kept (and :func:`drllm.eval.selection.select_routers`
     chooses the other knobs); it is never trained on.
     ``min_margin``: a searched path is learned only if the gold answer wins
     by at least this much normalised log-likelihood (:func:`label_path`); 0
@@ -179,7 +179,7 @@ def _train_routers(model, tokenizer, paths_file, out_dir: Path, config: TrainCon
     records, labels, train_idx, dev_idx = data["records"], data["labels"], data["train_idx"], data["dev_idx"]
     label_strs = [path_to_str(p) for p in labels]
     default_labels = sum(s == "1" * L for s in label_strs)
-    shared_labels = 0 if data["shared"] is None else label_strs.count(skip_paths(L)[data["shared"]])
+    shared_labels = 0 if data["shared"] is None else label_strs.count(single_skip_paths(L)[data["shared"]])
 
     # ---- features (cached)
     fingerprint = model_fingerprint(model)

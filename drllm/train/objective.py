@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..routers import Routers
+from ..routing import Routers
 from .labels import CLASS_NAMES
 
 __all__ = ["class_weights", "focal_loss", "batched_router_logits", "block_major_logits", "classification_metrics",

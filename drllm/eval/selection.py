@@ -2,18 +2,20 @@
 
 Why: a knob compared on the items a report then scores makes that report's
 figure the best of several draws, not a measurement. So the searched (train
-split) items are split into a train and a dev part (:func:`split_dev`),
+split) items are split into a train and a dev part (:func:`~drllm.train.split_dev`),
 routers are trained on the train part once per ``min_margin`` of a small
-grid (each keeping its best epoch by dev loss, :func:`train_routers`), and
+grid (each keeping its best epoch by dev loss, :func:`~drllm.train.train_routers`), and
 the frozen model with each candidate's routers is scored on the dev items
-with the evaluation's own code (:func:`drllm.evaluate.evaluate`): first every
+with the evaluation's own code (:func:`drllm.eval.scoring.evaluate`): first every
 margin at lambda 0, then the chosen margin's routers at every lambda of its
 grid. The best is the highest dev accuracy; ties go to the fewest blocks per
 pass, then to the value scored first (margins in grid order, lambda 0 first). Nothing here reads another split: the
 dev items come from the search records themselves.
 
 The chosen values and the dev figures they were chosen on are written next
-to the routers (``selection.json``, :func:`read_selection`).
+to the routers (``selection.json``, :func:`read_selection`). It lives in
+eval, not train: choosing is scoring on top of training (eval imports train,
+never the reverse).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..artifacts import ArtifactError, exclusive_lock, read_json, write_json
-from ..evaluate import evaluate
-from ..routers import Routers
+from ..routing.routers import Routers
 from ..tasks import Example
-from .loop import TrainConfig, train_routers
-from .records import read_path_records, record_example
+from ..train.loop import TrainConfig, train_routers
+from ..train.records import read_path_records, record_example
+from .scoring import evaluate
 
 __all__ = ["MARGINS", "LAMS", "SELECTION_NAME", "select_routers", "read_selection"]
 

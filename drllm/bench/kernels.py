@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from .bench import BenchConfig, interleaved
+from .config import BenchConfig
+from .timing import interleaved
 
 
 def bench_kernels(model, cfg: BenchConfig, log=print) -> list[dict]:
     """Gather, scatter and pooling on hidden states shaped like ``model``'s, against a copy of the same bytes."""
-    from . import ops
+    from .. import ops
 
     device, dtype = model.device, model.dtype
     H = model.config.hidden_size

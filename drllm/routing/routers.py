@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import ops
-from .artifacts import ArtifactError, load_tensors, read_json, tensor_header
+from .. import ops
+from ..artifacts import ArtifactError, load_tensors, read_json, tensor_header
 
 CONFIG_NAME = "drllm_routers.json"
 WEIGHTS_NAME = "routers.safetensors"
@@ -111,12 +111,15 @@ class Routers(nn.Module):
 
     @classmethod
     def for_model(cls, model: nn.Module, num_windows: int = 8, hidden: int = 128) -> "Routers":
-        """Fresh routers sized for ``model`` (a loaded HF decoder model)."""
-        from .runtime.adapters import describe
+        """Fresh routers sized for ``model`` (a loaded HF decoder model), read from its config.
 
-        info = describe(model)
-        routers = cls(info.model_type, info.hidden_size, info.num_blocks, num_windows, hidden)
-        return routers.to(info.device)
+        :func:`drllm.patch` checks them against the model and moves each router
+        to its block's device.
+        """
+        config = model.config
+        routers = cls(config.model_type, config.hidden_size, config.num_hidden_layers, num_windows, hidden)
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        return routers.to(device)
 
     @property
     def config(self) -> dict:
@@ -134,6 +137,17 @@ class Routers(nn.Module):
         return ops.pooled_router_logits(
             hidden_states, mask, self.num_windows, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
         )
+
+    def weighted_logits(self, block: int, weights: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` from precomputed pooling weights (:func:`drllm.ops.window_weights`), shared by blocks."""
+        mlp = self.mlps[block]
+        return ops.weighted_router_logits(
+            weights, hidden_states, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
+        )
+
+    def device_of(self, block: int) -> torch.device:
+        """Where block ``block``'s router lives (each may sit on its own block's device)."""
+        return self.mlps[block].fc1.weight.device
 
     def check_compatible(self, model_type: str, hidden_size: int, num_blocks: int) -> None:
         """Raise a ValueError naming every mismatch with the base model."""

@@ -16,7 +16,9 @@ same executor as the routers):
 ``random`` and ``static`` stay inside the search's space (no more than
 ``max_skip_run`` consecutive skips); ``shortgpt`` and ``exit`` are the
 published rules and ignore it. Calibration and selection items must never
-be the evaluated ones (:func:`check_disjoint`).
+be the evaluated ones (:func:`check_disjoint`); which items they are is the
+caller's to say (:func:`calibration_set` takes the dev ids recorded with the
+routers, it reads no file).
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .runtime.adapters import decoder, describe
-from .runtime.patch import block_states
-from .search.mcts import skip_run_ok
-from .tasks import Example, cloze_requests, encode_prompt, encode_request, generation_prompt, use_chat_template
+from ..runtime.adapters import decoder, describe
+from ..runtime.control import block_states
+from ..search.mcts import skip_run_ok
+from ..tasks import (Example, cloze_requests, encode_prompt, encode_request, generation_prompt, load_task,
+                     use_chat_template)
+from .scoring import evaluate_path, score_paths
 
 __all__ = [
     "BASELINES",
     "parse_baselines",
-    "skip_path",
+    "skip_set_path",
     "exit_skips",
     "random_skips",
     "block_influence",
@@ -68,7 +72,7 @@ def parse_baselines(specs: Sequence[str]) -> list[tuple[str, list[int]]]:
     return out
 
 
-def skip_path(num_blocks: int, skips: Sequence[int]) -> str:
+def skip_set_path(num_blocks: int, skips: Sequence[int]) -> str:
     """The path string that skips ``skips`` and executes every other block once."""
     skipped = set(skips)
     return "".join("0" if i in skipped else "1" for i in range(num_blocks))
@@ -91,7 +95,7 @@ def random_skips(num_blocks: int, k: int, seed: int, max_skip_run: int = 2, trie
     rng = random.Random(seed)
     for _ in range(tries):
         skips = sorted(rng.sample(range(num_blocks), k))
-        if skip_run_ok(skip_path(num_blocks, skips), max_skip_run):
+        if skip_run_ok(skip_set_path(num_blocks, skips), max_skip_run):
             return skips
     raise ValueError(f"no {k}-block skip set of {num_blocks} blocks has at most {max_skip_run} consecutive skips")
 
@@ -170,10 +174,10 @@ def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: in
     sets = {}
     for k in range(1, max_k + 1):
         candidates = [b for b in range(num_blocks) if b not in chosen
-                      and skip_run_ok(skip_path(num_blocks, chosen + [b]), max_skip_run)]
+                      and skip_run_ok(skip_set_path(num_blocks, chosen + [b]), max_skip_run)]
         if not candidates:
             raise ValueError(f"no block can be added to skips {chosen} within {max_skip_run} consecutive skips")
-        scores = score([skip_path(num_blocks, chosen + [b]) for b in candidates])
+        scores = score([skip_set_path(num_blocks, chosen + [b]) for b in candidates])
         best = max(range(len(candidates)), key=lambda j: (scores[j], -candidates[j]))
         chosen = sorted(chosen + [candidates[best]])
         sets[k] = chosen
@@ -183,9 +187,7 @@ def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: in
 def accuracy_scorer(model, tokenizer, examples: Sequence[Example], *, reward: str = "loglik",
                     style: str | None = None, normalize: str = "chars", max_new_tokens: int = 256) -> Score:
     """``score(paths)``: per path, ``(accuracy, mean gold margin)`` on ``examples``, every path of an item scored
-    in one pass (:func:`drllm.evaluate.score_paths`; generation: one path at a time, margin 0)."""
-    from .evaluate import evaluate_path, score_paths
-
+    in one pass (:func:`drllm.eval.scoring.score_paths`; generation: one path at a time, margin 0)."""
     if not examples:
         raise ValueError("static skip sets need selection examples")
 
@@ -212,23 +214,20 @@ def check_disjoint(calibration: Sequence[Example], evaluated: Sequence[Example])
                          "take them from the train split, away from the evaluated items")
 
 
-def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, routers_dir: str | os.PathLike | None = None,
+def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, dev_ids: Sequence[str] | None = None,
                     data_dir: str | os.PathLike | None = None,
                     train: Sequence[Example] | None = None) -> tuple[list[Example], str]:
     """Calibration/selection items and where they came from: the train split's dev part recorded with the
-    routers (``dev_ids`` of their ``selection.json``), else its first ``n`` items that are not evaluated.
+    routers (``dev_ids``: those of their ``selection.json``, :func:`drllm.eval.selection.read_selection`;
+    None when none was recorded), else its first ``n`` items that are not evaluated.
     ``train``: the train items to draw from (default: the whole split)."""
-    from .tasks import load_task
-    from .train.selection import read_selection
-
     if train is None:
         train = load_task(task, "train", data_dir=data_dir)
-    selection = read_selection(routers_dir) if routers_dir is not None else None
-    if selection is not None:
-        dev = set(selection["dev_ids"])
+    if dev_ids is not None:
+        dev = set(dev_ids)
         missing = dev - {e.id for e in train}
         if missing:
-            raise ValueError(f"{routers_dir}: {len(missing)} dev ids are not {task} train items "
+            raise ValueError(f"{len(missing)} dev ids recorded with the routers are not {task} train items "
                              f"(e.g. {sorted(map(str, missing))[:3]})")
         chosen = [e for e in train if e.id in dev]
         source = f"dev part recorded with the routers ({len(chosen)} {task} train items)"

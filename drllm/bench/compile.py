@@ -17,7 +17,9 @@ import statistics
 
 import torch
 
-from .bench import BenchConfig, _tokens, interleaved, self_noise, skip_path
+from .config import BenchConfig
+from .timing import interleaved, self_noise
+from .workload import evenly_skipped_path, random_tokens
 
 
 def confident_routers(model, seed: int):
@@ -63,7 +65,7 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
     L = model.config.num_hidden_layers
     n = cfg.compile_tokens
     options = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
-    ids = _tokens(model, 1, cfg.prompt_length, cfg.seed)
+    ids = random_tokens(model, 1, cfg.prompt_length, cfg.seed)
 
     def generate(m):
         with torch.no_grad():
@@ -75,7 +77,7 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
     regional = per_block(copy.deepcopy(model), options)
     routed = drllm.compile(drllm.patch(model, confident_routers(model, cfg.seed)), **options)
     paths = {"all-execute": torch.ones(L, dtype=torch.int64), "all-skip": torch.zeros(L, dtype=torch.int64)}
-    paths.update({f"skip {k}": skip_path(L, k) for k in cfg.skip_counts if k < L})
+    paths.update({f"skip {k}": evenly_skipped_path(L, k) for k in cfg.skip_counts if k < L})
 
     def forced(path):
         def setup():

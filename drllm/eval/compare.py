@@ -1,0 +1,126 @@
+"""Routers against the baselines at equal compute, on the same items and with the same scoring.
+
+:func:`compare` puts the routers (at several lambdas) beside the baselines of
+:mod:`drllm.eval.baselines` (static skip sets, each a forced path through the
+same executor): one entry per method and setting, each with accuracy,
+interval, blocks per pass and McNemar's exact test against vanilla on the
+same items. :func:`choose_baselines` chooses the skip sets once, so several
+data sets can be scored with them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..routing.routers import Routers
+from ..runtime.adapters import describe
+from ..tasks import Example
+from . import baselines as bl
+from .scoring import evaluate_path, lam_sweep, score_paths, summarize_rows, vanilla_baseline
+from .stats import median_test, paired_test, seeded_accuracy
+
+__all__ = ["compare", "choose_baselines"]
+
+
+def _path_rows(model, tokenizer, examples, paths: Sequence[str], *, reward: str, progress: bool = False,
+               **settings) -> dict[str, list[dict]]:
+    """Rows of each distinct forced path: all paths of an item in one pass (log-likelihood), else one by one."""
+    paths = list(dict.fromkeys(paths))
+    if reward == "loglik":
+        rows = score_paths(model, tokenizer, examples, paths, style=settings["style"],
+                           normalize=settings["normalize"], progress=progress)
+    else:
+        rows = [evaluate_path(model, tokenizer, examples, p, reward=reward, **settings) for p in paths]
+    return dict(zip(paths, rows))
+
+
+def _entry(method: str, setting, rows: list[dict], vanilla: list[dict], **extra) -> dict:
+    """One row of the comparison: accuracy, interval, blocks per pass and the paired test against vanilla."""
+    s = summarize_rows(rows, len(rows[0]["path"]))
+    return {
+        "method": method,
+        "setting": setting,
+        "n": s["n"],
+        "correct": s["correct"],
+        "accuracy": s["accuracy"],
+        "ci95": s["ci95"],
+        "blocks_per_pass": s["mean_path_length"],
+        "layers_per_example": s["layers_per_example"],
+        "mcnemar": paired_test([r["correct"] for r in vanilla], [r["correct"] for r in rows]),
+        "items": "".join(str(r["correct"]) for r in rows),
+        **extra,
+    }
+
+
+def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
+    """Several skip sets of one setting (random seeds): their aggregate (:func:`~drllm.eval.stats.seeded_accuracy`),
+    ``mcnemar`` the run with the median p-value; ``runs`` keeps every run's own figures."""
+    pooled = seeded_accuracy([r["accuracy"] for r in runs], [r["correct"] for r in runs], runs[0]["n"])
+    return {
+        "method": method,
+        "setting": setting,
+        "n": runs[0]["n"],
+        "correct": pooled["correct"],
+        "accuracy": pooled["accuracy"],
+        "ci95": pooled["ci95"],
+        "spread": pooled["spread"],
+        "blocks_per_pass": sum(r["blocks_per_pass"] for r in runs) / len(runs),
+        "layers_per_example": sum(r["layers_per_example"] for r in runs) / len(runs),
+        "mcnemar": median_test([r["mcnemar"] for r in runs]),
+        "skipped": [r["skipped"] for r in runs],
+        "runs": runs,
+    }
+
+
+def choose_baselines(model, tokenizer, baselines: Sequence[tuple[str, Sequence[int]]], *,
+                     calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
+                     batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
+                     normalize: str = "chars") -> tuple[dict, dict]:
+    """Each baseline's skip sets per K (:func:`drllm.eval.baselines.choose_skip_sets`) and what chose them, by
+    method; chosen once, they can be scored on several data sets (:func:`compare`'s ``skip_sets``)."""
+    sets, info = {}, {}
+    for method, ks in baselines:
+        sets[method], info[method] = bl.choose_skip_sets(
+            model, tokenizer, method, ks, calibration=calibration, seeds=seeds, reward=reward, style=style,
+            normalize=normalize, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return sets, info
+
+
+def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers | None = None,
+            lams: Sequence[float] = (0.0,), baselines: Sequence[tuple[str, Sequence[int]]] = (),
+            calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
+            batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
+            normalize: str = "chars", skip_sets: tuple[dict, dict] | None = None, progress: bool = False) -> dict:
+    """Vanilla, the routers at each of ``lams`` and every baseline ``(method, Ks)`` on the same ``examples``.
+
+    ``calibration`` (ShortGPT prompts, the static selection set) must share
+    no item with ``examples``; ``skip_sets``, a :func:`choose_baselines`
+    result, stands in for ``baselines`` and ``calibration``. Vanilla (the
+    all-ones path) and every baseline are forced paths, scored together
+    (:func:`~drllm.eval.scoring.score_paths`). Returns ``{"methods", "sweep", "baselines"}``:
+    ``methods`` one entry per method and setting (K, or lambda for routers),
+    each with ``items``, its per-example correctness as a 0/1 string;
+    ``sweep`` the :func:`~drllm.eval.scoring.lam_sweep` results; ``baselines`` what chose each
+    method's skip sets (calibration ids, block influence).
+    """
+    bl.check_disjoint(calibration, examples)
+    settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, style=style, normalize=normalize)
+    if skip_sets is None:
+        skip_sets = choose_baselines(model, tokenizer, baselines, calibration=calibration, seeds=seeds,
+                                     reward=reward, **settings)
+    sets, chosen = skip_sets
+    L = describe(model).num_blocks
+    forced = ["1" * L] + [bl.skip_set_path(L, s) for by_k in sets.values() for ss in by_k.values() for s in ss]
+    rows = _path_rows(model, tokenizer, examples, forced, reward=reward, progress=progress, **settings)
+    vanilla = rows["1" * L]
+    sweep = []
+    if routers is not None:
+        sweep = lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
+                          baseline=vanilla_baseline(examples, vanilla, reward), **settings)
+    methods = [_entry("vanilla", None, vanilla, vanilla)]
+    methods += [_entry("routers", r["lam"], [e["routed_row"] for e in r["examples"]], vanilla) for r in sweep]
+    for method, by_k in sets.items():
+        for k, skip_lists in by_k.items():
+            runs = [_entry(method, k, rows[bl.skip_set_path(L, s)], vanilla, skipped=s) for s in skip_lists]
+            methods.append(_seeded_entry(method, k, runs) if len(runs) > 1 else runs[0])
+    return {"methods": methods, "sweep": sweep, "baselines": chosen}
