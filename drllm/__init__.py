@@ -15,6 +15,8 @@ _LAZY = {
     "forced_paths": ".runtime.control",
     "last_paths": ".runtime.control",
     "set_lam": ".runtime.control",
+    "set_budget": ".runtime.control",
+    "BudgetRouters": ".routing.budget",
     "observe": ".runtime.control",
     "block_states": ".runtime.control",
     "compile": ".runtime.compile:compile_model",

@@ -3,8 +3,9 @@
 A newcomer's first run: the frozen model gets routers from paths found by
 the search on ARC-Easy train items (knobs chosen on their dev part), and is
 compared with itself and with the static baselines of :mod:`drllm.eval.baselines`
-at equal compute on ARC-Easy validation and, out of domain, ARC-Challenge
-validation (:func:`drllm.eval.compare.compare`). Validation is read once, after
+(each at its measured blocks per pass: equal compute only where they match) on
+ARC-Easy validation and, out of domain, ARC-Challenge validation
+(:func:`drllm.eval.compare.compare`). Validation is read once, after
 every choice was made. Every stage writes its results to ``out_dir``; search
 and training resume from them.
 The settings are importable without torch (``drllm demo --help`` shows them);
@@ -19,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .artifacts import write_json
-from .eval.report import format_table, frontier_plot, frontier_table, routers_vs_baselines, selection_lines
+from .eval.report import (format_table, frontier_legend, frontier_plot, frontier_table, routers_vs_baselines,
+                          selection_lines)
 from .models import DEFAULT_MODEL
 
 TASK = "arc_easy"
@@ -169,9 +171,11 @@ def run_demo(
 
 
 def _dataset_report(out: Path, task: str, title: str, methods: list[dict]) -> dict:
-    """One evaluated split: the comparison table, routers against each baseline, the frontier plot."""
+    """One evaluated split: the comparison table with its legend, routers against each baseline, the frontier
+    plot."""
     n = methods[0]["n"]
-    tables = (format_table(*frontier_table(methods)), format_table(*routers_vs_baselines(methods)))
+    tables = (format_table(*frontier_table(methods)) + "\n\n" + frontier_legend(methods),
+              format_table(*routers_vs_baselines(methods)))
     figure = frontier_plot(methods, out / f"frontier-{task}.png", title=f"{title}: accuracy vs compute (n={n})")
     (out / f"frontier-{task}.md").write_text(tables[0] + "\n\n" + tables[1] + "\n")
     write_json(out / f"methods-{task}.json", methods)
@@ -238,9 +242,6 @@ def _evaluation_section(dataset: dict, tables: tuple[str, str], lam: float) -> s
 ## {dataset['title']}: {dataset['n']} items, routers at λ {lam:g}
 
 {tables[0]}
-
-McNemar's exact test against vanilla on the same items ("no significant difference" when p >= 0.05);
-random: mean over its seeds (± their standard deviation), the test of its median seed.
 
 Routers against each baseline, same items (McNemar; random: its median seed):
 

@@ -56,6 +56,12 @@ def path_to_str(path) -> str:
     return "".join(str(int(d)) for d in torch.as_tensor(path).flatten())
 
 
+def skip_set_path(num_blocks: int, skips: Sequence[int]) -> str:
+    """The path string that skips ``skips`` and executes every other block once."""
+    skipped = set(skips)
+    return "".join("0" if i in skipped else "1" for i in range(num_blocks))
+
+
 def path_from_str(text: str) -> torch.Tensor:
     """Inverse of :func:`path_to_str`."""
     if not text or any(c not in "012" for c in text):

@@ -150,3 +150,22 @@ def output_cache(out):
     """The KV cache a model output returns: ``cache`` from transformers 5.24, ``past_key_values`` before."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def explicit_logits(model, ids: torch.Tensor, path) -> torch.Tensor:
+    """Logits of one unpadded row by calling the blocks by hand in path order."""
+    base = model.model
+    T = ids.shape[-1]
+    h = base.embed_tokens(ids[None])
+    pos = torch.arange(T)[None]
+    pe = base.rotary_emb(h, pos)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    allowed = j <= i
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and model.config.model_type == "mistral":
+        allowed &= j > i - window
+    mask = torch.zeros(1, 1, T, T).masked_fill(~allowed, float("-inf"))
+    for block, decision in zip(base.layers, path):
+        for _ in range(int(decision)):
+            h = block(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+    return model.lm_head(base.norm(h))[0]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +17,12 @@ from tiny_tokenizer import make_tiny_tokenizer
 import drllm
 import drllm.eval.baselines as bl
 from drllm.eval.compare import compare
-from drllm.eval.report import routers_vs_baselines, verdict
-from drllm.eval.scoring import evaluate_path
+from drllm.eval.report import frontier_legend, routers_vs_baselines, verdict
+from drllm.eval.scoring import evaluate, evaluate_path
 from drllm.eval.selection import read_selection
-from drllm.eval.stats import mcnemar_exact, paired_test
+from drllm.eval.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mcnemar_exact, paired_test, seeded_accuracy,
+                              wilson_interval)
+from drllm.paths import skip_set_path
 from drllm.search.mcts import skip_run_ok
 from drllm.tasks import cloze_requests, encode_request
 
@@ -82,7 +87,7 @@ def test_exit_equals_first_blocks_then_norm_and_head(setup, k):
     model, tok = setup
     skips = bl.exit_skips(L, k)
     assert skips == list(range(L - k, L))
-    path = bl.skip_set_path(L, skips)
+    path = skip_set_path(L, skips)
     examples = arc_examples(4)
     manual = []
     for ex in examples:
@@ -110,13 +115,28 @@ def test_random_skips_respect_constraints_and_seed():
         for seed in range(20):
             skips = bl.random_skips(8, k, seed)
             assert skips == sorted(set(skips)) and len(skips) == k and all(0 <= b < 8 for b in skips)
-            assert skip_run_ok(bl.skip_set_path(8, skips), 2)
+            assert skip_run_ok(skip_set_path(8, skips), 2)
             assert bl.random_skips(8, k, seed) == skips  # seeded
             seen.add(tuple(skips))
     assert len(seen) > 50  # seeds draw different sets
     assert bl.random_skips(3, 2, 0, max_skip_run=1) == [0, 2]  # the only valid set
     with pytest.raises(ValueError, match="consecutive"):
         bl.random_skips(4, 3, 0, max_skip_run=1, tries=50)
+
+
+def test_random_skip_sets_are_drawn_independently_per_k():
+    """One seed's sets of different K are separate draws: seeded by the seed alone they were nested
+    (seed 0 of 30 blocks: [6] in [6, 11] in [0, 4, 6, 11])."""
+    num_blocks, ks = 30, (1, 2, 4, 8)
+    nested_pairs = nested_chains = 0
+    for seed in range(40):
+        sets = [set(bl.random_skips(num_blocks, k, seed)) for k in ks]
+        nested_pairs += sets[0] < sets[1]  # independent: chance 2/30 per seed, about 3 of 40
+        nested_chains += all(a < b for a, b in zip(sets, sets[1:]))
+    assert nested_pairs <= 8 and nested_chains == 0, (nested_pairs, nested_chains)
+    # each K's sets still cover the blocks (no K is stuck on a few sets)
+    for k in ks:
+        assert len({b for seed in range(40) for b in bl.random_skips(num_blocks, k, seed)}) >= 20
 
 
 def test_greedy_static_picks_best_set_on_constructed_case():
@@ -132,7 +152,7 @@ def test_greedy_static_picks_best_set_on_constructed_case():
     assert [len(c) for c in calls] == [6, 5, 3]  # block 2 is not a candidate at step 3
     from itertools import combinations
 
-    valid = [s for s in combinations(range(6), 3) if skip_run_ok(bl.skip_set_path(6, s), 2)]
+    valid = [s for s in combinations(range(6), 3) if skip_run_ok(skip_set_path(6, s), 2)]
     assert list(max(valid, key=lambda s: sum(gain[b] for b in s))) == sets[3]
     # ties go to the lower block
     assert bl.greedy_skip_sets(lambda paths: [(0,)] * len(paths), 6, 2) == {1: [0], 2: [0, 1]}
@@ -142,7 +162,7 @@ def test_static_selection_scores_match_evaluation(setup):
     """The selection scorer (the search's path evaluator) agrees with the evaluation on every single skip."""
     model, tok = setup
     examples = arc_examples(6)
-    paths = [bl.skip_set_path(L, [b]) for b in range(L)]
+    paths = [skip_set_path(L, [b]) for b in range(L)]
     scores = bl.accuracy_scorer(model, tok, examples)(paths)
     rows = [evaluate_path(model, tok, examples, p) for p in paths]
     assert [s[0] for s in scores] == [sum(r["correct"] for r in rs) / len(examples) for rs in rows]
@@ -163,7 +183,78 @@ def test_parse_baselines():
         bl.exit_skips(4, 4)
 
 
-# --------------------------------------------------------------------------- paired test
+# --------------------------------------------------------------------------- paired test, intervals
+
+
+def explicit_bootstrap(runs: list[list[int]]) -> list[float]:
+    """The 2.5 % and 97.5 % points of the mean accuracy across runs, over item resamples drawn by hand."""
+    n = len(runs[0])
+    draws = random.Random(BOOTSTRAP_SEED)
+    means = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        items = draws.choices(range(n), k=n)
+        means.append(sum(sum(run[i] for i in items) / n for run in runs) / len(runs))
+    means.sort()
+    cut = round(0.025 * BOOTSTRAP_RESAMPLES)
+    return [means[cut], means[BOOTSTRAP_RESAMPLES - 1 - cut]]
+
+
+def test_seeded_interval_is_a_bootstrap_over_items_not_pooled_seeds():
+    """Seeds scored on the same items are not new items: three identical seeds have one seed's interval
+    (pooled as new items they had a narrower one: [0.351, 0.397] where one seed alone had [0.335, 0.414])."""
+    rng = random.Random(7)
+    n = 500
+    one = [int(rng.random() < 0.37) for _ in range(n)]
+    alone, three = seeded_accuracy([one]), seeded_accuracy([one] * 3)
+    assert three["ci95"] == alone["ci95"] and three["accuracy"] == alone["accuracy"]
+    wilson = wilson_interval(sum(one), n)
+    assert alone["ci95"] == pytest.approx(list(wilson), abs=0.01)  # one run: about its Wilson interval
+    runs = [[int(rng.random() < p) for _ in range(n)] for p in (0.3, 0.4, 0.5)]
+    seeded = seeded_accuracy(runs)
+    assert seeded["ci95"] == pytest.approx(explicit_bootstrap(runs), abs=1e-12)
+    assert seeded == seeded_accuracy(runs) and seeded_accuracy(runs[::-1])["ci95"] == seeded["ci95"]  # seeded
+    assert seeded["ci95"][0] < seeded["accuracy"] < seeded["ci95"][1]
+    assert "bootstrap over items" in seeded["ci95_method"]
+
+
+def test_random_row_interval_is_the_bootstrap_of_its_seeds(setup):
+    """compare's random row: the mean over seeds, its interval the bootstrap over the same items, its legend
+    saying so."""
+    model, tok = setup
+    res = compare(model, tok, arc_examples(8), baselines=[("random", [1, 2])], seeds=3)
+    for row in res["methods"][1:]:
+        runs = [[int(c) for c in run["items"]] for run in row["runs"]]
+        assert row["ci95"] == pytest.approx(explicit_bootstrap(runs), abs=1e-12)
+        assert row["accuracy"] == pytest.approx(sum(map(sum, runs)) / (3 * 8))
+    legend = frontier_legend(res["methods"])
+    assert "random:1: mean over 3 seeds" in legend and "bootstrap over items (2000 resamples, seed 0)" in legend
+
+
+def test_equal_compute_only_where_blocks_per_pass_match():
+    """The tables say "equal compute" of two rows only where their measured blocks per pass match."""
+    items = "1100"
+    vanilla = {"method": "vanilla", "setting": None, "accuracy": 0.5, "blocks_per_pass": 4.0, "items": items}
+    fewer = {"method": "routers", "setting": 0.0, "accuracy": 0.5, "blocks_per_pass": 3.5, "items": items}
+    same = {"method": "routers", "setting": -0.5, "accuracy": 0.5, "blocks_per_pass": 3.0, "items": items}
+    static = {"method": "static", "setting": 1, "accuracy": 0.5, "blocks_per_pass": 3.0, "items": items}
+    exit_ = {"method": "exit", "setting": 1, "accuracy": 0.5, "blocks_per_pass": 3.0, "items": items}
+    methods = [vanilla, fewer, same, static, exit_]
+    headers, rows = routers_vs_baselines(methods)
+    assert headers[-1] == "compute (routers - baseline)"
+    for row in rows:
+        routers_blocks, baseline_blocks = float(row[1]), float(row[3])
+        note = row[-1]
+        if routers_blocks == baseline_blocks:
+            assert note == "equal compute"
+        else:
+            assert note == f"{routers_blocks - baseline_blocks:+.2f} blocks/pass" and "equal" not in note
+    assert [r[-1] for r in rows] == ["+0.50 blocks/pass"] * 2 + ["equal compute"] * 2
+    legend = frontier_legend(methods)
+    assert "equal compute (3.00 blocks/pass): routers λ -0.5, static:1, exit:1." in legend
+    assert "no other row at the same blocks/pass: vanilla (4.00), routers λ 0 (3.50)." in legend
+    assert legend.count("equal compute") == 1
+
+
 
 
 def test_mcnemar_known_values():
@@ -262,26 +353,29 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
     from drllm.tasks import load_task
 
     items = load_task("arc_easy", "validation", data_dir=saved / "data")
-    direct = evaluate_path(model, tok, items, bl.skip_set_path(L, [L - 1]), batch_size=4)
+    direct = evaluate_path(model, tok, items, skip_set_path(L, [L - 1]), batch_size=4)
     assert methods[7]["correct"] == sum(r["correct"] for r in direct)
     assert payload["baselines"]["shortgpt"]["calibration_ids"] == [f"q{i}" for i in range(5)]
     assert len(payload["baselines"]["shortgpt"]["block_influence"]) == L
     assert "no significant difference" in printed and "McNemar" in printed
     assert "first 5 arc_easy train items" in printed
     assert (tmp_path / "figs" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "figs" / "frontier.md").read_text().count("\n") == len(methods) + 2
+    table, legend = (tmp_path / "figs" / "frontier.md").read_text().split("\n\n")
+    assert table.count("\n") == len(methods) + 1 and legend in printed
 
 
-def record_dev_part(root, dev_ids):
-    """The ``selection.json`` that ``drllm train`` writes beside the routers, reduced to what eval reads."""
+def record_dev_part(root, dev_ids, task="arc_easy", lam=-0.25):
+    """The ``selection.json`` that ``drllm train`` writes beside the routers, reduced to what eval reads
+    (``task`` None: as an older drllm wrote it, without the task)."""
     (root / "routers" / "selection.json").write_text(json.dumps(
-        {"min_margin": 0.2, "lam": -0.25, "epoch": 3, "dev_ids": dev_ids, "dev": len(dev_ids), "rule": "highest",
+        {"min_margin": 0.2, "lam": lam, "epoch": 3, "dev_ids": dev_ids, "dev": len(dev_ids), "rule": "highest",
+         **({} if task is None else {"task": task}),
          "dev_vanilla": {"accuracy": 0.5, "ci95": [0.1, 0.9], "n": len(dev_ids)},
          "scored": [{"min_margin": 0.2, "lam": -0.25, "epoch": 3, "accuracy": 0.625, "ci95": [0.3, 0.86],
                      "blocks_per_pass": 3.5}]}))
 
 
-def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
+def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch, capsys):
     """Evaluate train items themselves: calibration and selection still never see them."""
     seen = []
     influence, scorer = bl.block_influence, bl.accuracy_scorer
@@ -297,13 +391,15 @@ def test_no_evaluated_item_reaches_calibration_or_selection(saved, monkeypatch):
     assert run_eval(saved, "--split", "train", "--n", "3", "--baselines", "shortgpt:1", "static:1",
                     "--calib-n", "4") == 0
     assert seen and set(seen) == {"q3", "q4", "q5", "q6"}  # train items, none of the evaluated q0..q2
-    # a recorded dev part that holds an evaluated item is refused
+    # a recorded dev part that holds an evaluated item is refused, in one line
     record_dev_part(saved, ["q1", "q5"])
+    capsys.readouterr()
     try:
-        with pytest.raises(ValueError, match="also evaluated"):
-            run_eval(saved, "--split", "train", "--n", "3", "--baselines", "static:1")
+        assert run_eval(saved, "--split", "train", "--n", "3", "--baselines", "static:1") == 2
     finally:
         (saved / "routers" / "selection.json").unlink()
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("drllm eval: error: 1 calibration/selection items are also evaluated")
 
 
 def test_compare_refuses_overlap_and_uses_recorded_dev_part(setup, saved):
@@ -348,3 +444,70 @@ def test_eval_command_prints_the_routers_selection(saved, tmp_path, capsys):
     payload = json.loads(out_json.read_text())
     assert payload["selection"]["lam"] == -0.25 and payload["baselines"]["static"]["calibration_ids"] == ["q5", "q6"]
 
+
+
+def test_eval_routes_at_the_lambda_drllm_train_chose(saved, setup, tmp_path, capsys):
+    """Without --lam, eval evaluates the routers at selection.json's λ (it printed it, then evaluated 0);
+    --lam given wins."""
+    model, tok = setup
+    record_dev_part(saved, ["q5", "q6"], lam=-1.0)  # λ -1 skips every block: no other λ gives 0 blocks per pass
+    try:
+        assert run_eval(saved, "--split", "validation", "--json", str(tmp_path / "chosen.json")) == 0
+        chosen_out = capsys.readouterr().out
+        assert run_eval(saved, "--split", "validation", "--lam", "0.5", "--json", str(tmp_path / "given.json")) == 0
+        given_out = capsys.readouterr().out
+    finally:
+        (saved / "routers" / "selection.json").unlink()
+    chosen = json.loads((tmp_path / "chosen.json").read_text())
+    assert [r["lam"] for r in chosen["results"]] == [-1.0]
+    routers_row = chosen["methods"][1]
+    assert (routers_row["method"], routers_row["setting"], routers_row["blocks_per_pass"]) == ("routers", -1.0, 0.0)
+    assert "lambda -1" in chosen_out and "routers evaluated at λ -1 (chosen by drllm train)" in chosen_out
+    from drllm.tasks import load_task
+
+    items = load_task("arc_easy", "validation", data_dir=saved / "data")
+    direct = evaluate(model, tok, drllm.Routers.from_pretrained(saved / "routers"), items, lam=-1.0, batch_size=4)
+    assert chosen["results"][0]["decisions"] == direct["decisions"]
+    assert routers_row["correct"] == direct["routed"]["correct"]
+    given = json.loads((tmp_path / "given.json").read_text())
+    assert [r["lam"] for r in given["results"]] == [0.5] and given["methods"][1]["setting"] == 0.5
+    assert "routers evaluated at λ 0.5 (given on the command line)" in given_out
+
+
+def test_eval_out_of_domain_calibrates_on_the_routers_own_dev_part(saved, tmp_path, capsys):
+    """ARC-Easy routers evaluated on ARC-Challenge: shortgpt/static calibrate on the routers' dev part, ARC-Easy
+    train items (they were looked up in ARC-Challenge's train split: a traceback). An older selection.json, which
+    does not name its task, is a one-line error that says what to do."""
+    challenge = [replace(e, id=f"c{i}", task="arc_challenge") for i, e in enumerate(arc_examples(12))]
+    write_arc(saved / "data" / "arc_challenge", "train", challenge[:8])
+    write_arc(saved / "data" / "arc_challenge", "validation", challenge[8:])
+    argv = ("--task", "arc_challenge", "--split", "validation", "--baselines", "shortgpt:1", "static:1")
+    try:
+        record_dev_part(saved, ["q5", "q6"])
+        assert run_eval(saved, *argv, "--json", str(tmp_path / "out.json")) == 0
+        printed = capsys.readouterr().out
+        record_dev_part(saved, ["q5", "q6"], task=None)
+        assert run_eval(saved, *argv) == 2
+        err = capsys.readouterr().err
+    finally:
+        (saved / "routers" / "selection.json").unlink()
+        shutil.rmtree(saved / "data" / "arc_challenge")
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert payload["methods"][0]["n"] == 4 and payload["task"] == "arc_challenge"
+    for method in ("shortgpt", "static"):
+        assert payload["baselines"][method]["calibration_ids"] == ["q5", "q6"]
+    assert "dev part recorded with the routers (2 arc_easy train items)" in printed
+    line = err.splitlines()[-1]
+    assert err.endswith(line + "\n") and line.startswith("drllm eval: error: ")
+    assert "selection.json does not say which task" in line and 'add "task": "arc_easy"' in line
+
+
+@pytest.mark.parametrize("baseline, needle", [
+    ("exit:4", "exit can drop 1 to 3; K 4 cannot be dropped"),
+    ("random:2,4", "random can drop 1 to 3 with at most 2 consecutive skips; K 4 cannot be dropped"),
+])
+def test_eval_refuses_a_k_the_model_cannot_drop_in_one_line(saved, capsys, baseline, needle):
+    capsys.readouterr()
+    assert run_eval(saved, "--split", "validation", "--baselines", baseline, routers=False) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("drllm eval: error: baseline ") and needle in err

@@ -209,3 +209,45 @@ def test_generate_command_prints_path_then_text(tiny_model_dir, capsys, tmp_path
     assert out.startswith(f"### hello\npath: 1101 (3/4 block applications per pass)\n{record['text']}")
     code, err = run_cli(["generate", "--model", str(tiny_model_dir), "--path", "11", "hi"], capsys)
     assert code == 2 and err.endswith("\ndrllm generate: error: --path has 2 digits but the model has 4 blocks\n")
+
+
+def saved_routers(folder, **selection):
+    """Routers for the tiny model, with the selection.json drllm train writes beside them (what commands read)."""
+    from conftest import tiny_model
+
+    drllm.Routers.for_model(tiny_model("llama")).save_pretrained(folder)
+    record = {"min_margin": 0.2, "lam": 0.0, "epoch": 1, "dev_ids": [], "task": "arc_easy", **selection}
+    (folder / "selection.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_generate_routes_at_the_lambda_drllm_train_chose(tiny_model_dir, capsys, tmp_path, one_thread):
+    """Without --lam, generate routes at selection.json's λ (it routed at 0); --lam given wins."""
+    routers = saved_routers(tmp_path / "routers", lam=-1.0)  # λ -1 skips every block, λ 1 repeats every one
+    report = tmp_path / "gen.json"
+
+    def generate(*extra):
+        assert main(["generate", "--model", str(tiny_model_dir), "--routers", str(routers), "--no-chat",
+                     "--max-new-tokens", "2", "--json", str(report), *extra, "hello"]) == 0
+        return json.loads(report.read_text()), capsys.readouterr().out
+
+    chosen, out = generate()
+    assert chosen["results"][0]["path"] == "0000" and chosen["lam"] == -1.0
+    assert "routers at λ -1 (chosen by drllm train)" in out
+    given, out = generate("--lam", "1")
+    assert given["results"][0]["path"] == "2222" and given["lam"] == 1.0
+    assert "routers at λ 1 (given on the command line)" in out
+
+
+@pytest.mark.parametrize("field, needle", [
+    ({"lam": 3}, "'lam' must be a number in [-1, 1], got 3"),
+    ({"lam": "x"}, "'lam' must be a number in [-1, 1], got 'x'"),
+    ({"dev_ids": "q1"}, "'dev_ids' must be a list of item ids"),
+    ({"task": "hellaswag"}, "'task' must be one of arc_easy"),
+])
+def test_a_bad_selection_is_one_line_before_the_model_loads(field, needle, no_model_no_hub, capsys, tmp_path):
+    routers = saved_routers(tmp_path / "routers", **field)
+    for argv in (["generate", "--routers", str(routers), "hello"], ["eval", "--routers", str(routers)]):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"drllm {argv[0]}: error: "), err
+        assert str(routers / "selection.json") in err and needle in err and "train the routers again" in err

@@ -8,7 +8,7 @@ from transformers import DynamicCache, LlamaModel
 
 import drllm
 from drllm.runtime.adapters import cache_kwarg
-from conftest import FAMILIES, VOCAB, output_cache, random_batch, tiny_model, weights_hash
+from conftest import FAMILIES, VOCAB, explicit_logits, output_cache, random_batch, tiny_model, weights_hash
 
 L = 4
 
@@ -22,25 +22,6 @@ def random_paths(batch: int, seed: int, num_blocks: int = L) -> torch.Tensor:
         paths[1, 0], paths[1, -1] = 2, 0
     paths[paths.sum(1) == 0, 1] = 1
     return paths
-
-
-def explicit_logits(model, ids: torch.Tensor, path) -> torch.Tensor:
-    """Logits of one unpadded row by calling the blocks by hand in path order."""
-    base = model.model
-    T = ids.shape[-1]
-    h = base.embed_tokens(ids[None])
-    pos = torch.arange(T)[None]
-    pe = base.rotary_emb(h, pos)
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    allowed = j <= i
-    window = getattr(model.config, "sliding_window", None)
-    if window is not None and model.config.model_type == "mistral":
-        allowed &= j > i - window
-    mask = torch.zeros(1, 1, T, T).masked_fill(~allowed, float("-inf"))
-    for block, decision in zip(base.layers, path):
-        for _ in range(int(decision)):
-            h = block(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
-    return model.lm_head(base.norm(h))[0]
 
 
 def generate(model, ids, mask, n=10, **kw):

@@ -218,6 +218,10 @@ def test_knobs_are_chosen_on_dev_where_validation_disagrees(searched, tmp_path, 
     assert [(e["min_margin"], e["lam"], round(e["accuracy"], 6)) for e in written["scored"]] == [
         (0.1, 0.0, 0.2), (0.2, 0.0, 0.3), (0.4, 0.0, 0.6), (0.4, -0.25, 0.9), (0.4, 0.25, 0.7)]
     assert written["dev_vanilla"]["accuracy"] == 0.25 and written["dev"] == len(written["dev_ids"]) == 2
+    # the task of the dev part: eval calibrates baselines on its train split whatever task it evaluates
+    assert written["task"] == "arc_easy" == items[0].task
+    assert selection.routers_dev_part(written, tmp_path / "routers") == ("arc_easy", written["dev_ids"])
+    assert selection.routing_knobs(written) == {"lam": (-0.25, "chosen by drllm train")}
 
 
 def test_an_interrupted_selection_resumes_to_the_same_choice(searched, tmp_path):

@@ -1,4 +1,5 @@
-"""``drllm eval``: vanilla, routers (lambda sweep) and baselines at equal compute, with a paired test and figures."""
+"""``drllm eval``: vanilla, routers (at the chosen lambda, or a sweep) and baselines on the same items, with a paired
+test and figures."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=positive_int, default=None, help="evaluate the first N examples (default: all)")
     p.add_argument("--reward", default=None, choices=["loglik", "generate"],
                    help="scoring: log-likelihood of each choice (default for ARC) or generation (default otherwise)")
-    p.add_argument("--lam", type=lam_value, nargs="+", default=[0.0],
-                   help="control knob value(s) in [-1, 1]; several values make a sweep")
+    p.add_argument("--lam", type=lam_value, nargs="+", default=None,
+                   help="control knob value(s) in [-1, 1]; several values make a sweep (default: the value "
+                        "`drllm train` chose, from the routers' selection.json, else 0)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation only: tokens per answer")
     p.add_argument("--style", default=None, choices=["auto", "chat", "plain"],
@@ -39,7 +41,8 @@ def add_parser(subparsers) -> None:
                         "e.g. shortgpt:1,2,4 exit:1,2,4")
     p.add_argument("--calib-n", type=positive_int, default=64,
                    help="shortgpt/static: calibration/selection items taken from the train split (never the "
-                        "evaluated items) when the routers recorded no dev part")
+                        "evaluated items) when the routers recorded no dev part (with one: that dev part, from "
+                        "the train split of the routers' own task)")
     p.add_argument("--seeds", type=positive_int, default=5, help="random: skip sets drawn per K")
     add_data_args(p)
     p.add_argument("--out-dir", default=None,
@@ -50,10 +53,12 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import drllm
-    from ..eval.baselines import calibration_set, parse_baselines
+    from ..eval.baselines import BaselineError, check_ks, parse_baselines
     from ..eval.compare import compare
-    from ..eval.report import format_table, frontier_plot, frontier_table, routers_vs_baselines, selection_lines
-    from ..eval.selection import read_selection
+    from ..eval.report import (format_table, frontier_legend, frontier_plot, frontier_table, routers_vs_baselines,
+                               selection_lines)
+    from ..eval.selection import read_selection, routing_knobs
+    from ..runtime.adapters import describe
     from ..tasks import ARC_TASKS, load_task
 
     reward = args.reward or ("loglik" if args.task in ARC_TASKS else "generate")
@@ -61,29 +66,45 @@ def run(args) -> int:
         raise UsageError("--reward loglik needs a multiple-choice task (arc_easy, arc_challenge)")
     try:
         baselines = parse_baselines(args.baselines)
-    except ValueError as err:
+    except BaselineError as err:
         raise UsageError(str(err)) from None
     examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.n)
     # a bad folder fails before the model loads
     routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
     selection = read_selection(args.routers) if args.routers else None
+    # the knobs drllm train chose, unless given here (a chosen budget will be read the same way)
+    knobs = routing_knobs(selection, lam=args.lam)
+    lam, lam_source = knobs["lam"]
+    lams = lam if isinstance(lam, list) else [lam]  # --lam may give a sweep
     calibration, source = [], None
     if any(method in ("shortgpt", "static") for method, _ in baselines):
-        calibration, source = calibration_set(args.task, examples, n=args.calib_n, data_dir=args.data_dir,
-                                              dev_ids=None if selection is None else selection["dev_ids"])
+        calibration, source = _calibration(args, examples, selection)
     model, tokenizer = load_model_from_args(args)
-    res = compare(model, tokenizer, examples, routers=routers, lams=args.lam, baselines=baselines,
-                  calibration=calibration, seeds=args.seeds, reward=reward, batch_size=args.batch_size,
-                  max_new_tokens=args.max_new_tokens, style=args.style)
+    info = describe(model)
+    try:
+        if routers is not None:
+            routers.check_compatible(info.model_type, info.hidden_size, info.num_blocks)
+        check_ks(info.num_blocks, baselines)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:  # a skip set a baseline cannot make (e.g. a greedy static set stuck at the skip-run limit)
+        res = compare(model, tokenizer, examples, routers=routers, lams=lams, baselines=baselines,
+                      calibration=calibration, seeds=args.seeds, reward=reward, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, style=args.style)
+    except BaselineError as err:
+        raise UsageError(str(err)) from None
     results = res["sweep"]
     table = format_table(*frontier_table(res["methods"]))
     print(f"{args.task} {args.split or 'default split'}, {len(examples)} examples, {reward} scoring, "
           f"{res['methods'][0]['blocks_per_pass']:g} blocks")
     if selection is not None:
         print("routers: " + selection_lines(selection))
+    if routers is not None:
+        print(f"routers evaluated at λ {', '.join(f'{x:g}' for x in lams)} ({lam_source})")
     if source:
         print(f"calibration/selection (shortgpt, static): {source}")
-    print("\n" + table)
+    legend = frontier_legend(res["methods"])
+    print("\n" + table + "\n\n" + legend)
     if routers is not None and baselines:
         print("\n" + format_table(*routers_vs_baselines(res["methods"])))
     figures = []
@@ -100,7 +121,7 @@ def run(args) -> int:
         figures.append(str(frontier_plot(res["methods"], out / "frontier.png",
                                          title=f"{args.task} {args.split or ''}: accuracy vs compute "
                                                f"(n={len(examples)})")))
-        (out / "frontier.md").write_text(table + "\n")
+        (out / "frontier.md").write_text(table + "\n\n" + legend + "\n")
         print("\nfigures: " + ", ".join(figures))
     if args.json:
         write_json_atomic(args.json, {"task": args.task, "split": args.split, "reward": reward,
@@ -108,3 +129,18 @@ def run(args) -> int:
                                       "calibration": source, "selection": selection, "results": results,
                                       "figures": figures})
     return 0
+
+
+def _calibration(args, examples, selection) -> tuple[list, str]:
+    """ShortGPT's calibration and static's selection items: the dev part recorded with the routers (from the
+    train split of the task they were searched on, not necessarily the evaluated one), else the first
+    ``--calib-n`` train items of the evaluated task; any refusal is a one-line error."""
+    from ..eval.baselines import BaselineError, calibration_set
+    from ..eval.selection import routers_dev_part
+
+    dev = routers_dev_part(selection, args.routers)
+    task, dev_ids = dev if dev is not None else (args.task, None)
+    try:
+        return calibration_set(task, examples, n=args.calib_n, data_dir=args.data_dir, dev_ids=dev_ids)
+    except BaselineError as err:
+        raise UsageError(str(err)) from None

@@ -35,8 +35,9 @@ def add_parser(subparsers) -> None:
     route = p.add_mutually_exclusive_group()  # a forced path overrides every router decision
     route.add_argument("--routers", default=None, help="router checkpoint folder (default: no routers, vanilla)")
     route.add_argument("--path", default=None, type=path_text, help="force this path for every prompt, e.g. 111011...")
-    p.add_argument("--lam", type=lam_value, default=0.0,
-                   help="control knob in [-1, 1]: <0 skips more, >0 repeats more")
+    p.add_argument("--lam", type=lam_value, default=None,
+                   help="control knob in [-1, 1]: <0 skips more, >0 repeats more (default: the value `drllm train` "
+                        "chose, from the routers' selection.json, else 0)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
@@ -48,17 +49,25 @@ def run(args) -> int:
     import torch
 
     import drllm
+    from ..eval.selection import read_selection, routing_knobs
     from ..paths import path_from_str, path_to_str
     from ..streaming import PathStreamer
 
     if any(not p.strip() for p in args.prompts):
         raise UsageError("empty prompt: give non-empty prompt text")
+    # a bad folder fails before the model loads
+    routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
+    # the knobs drllm train chose, unless given here (a chosen budget will be read the same way)
+    knobs = routing_knobs(read_selection(args.routers) if args.routers else None, lam=args.lam)
+    lam, lam_source = knobs["lam"]
     model, tokenizer = load_model_from_args(args)
     L = model.config.num_hidden_layers
     if args.path and len(args.path) != L:
         raise UsageError(f"--path has {len(args.path)} digits but the model has {L} blocks")
-    routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
-    drllm.patch(model, routers, lam=args.lam)
+    try:
+        drllm.patch(model, routers, lam=lam)
+    except ValueError as err:  # routers trained for another model
+        raise UsageError(str(err)) from None
     records, tokens, start = [], 0, time.perf_counter()
     for prompt in args.prompts:
         text = prompt
@@ -80,7 +89,9 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     print(format_table(["prompt", "path", "blocks per pass"],
                        [[r["prompt"][:40], r["path"], f"{r['blocks']}/{L}"] for r in records]))
+    if routers is not None:
+        print(f"\nrouters at λ {lam:g} ({lam_source})")
     print(f"\n{tokens} tokens in {seconds:.2f} s")
     if args.json:
-        write_json_atomic(args.json, {"results": records, "seconds": seconds, "num_blocks": L})
+        write_json_atomic(args.json, {"results": records, "seconds": seconds, "num_blocks": L, "lam": lam})
     return 0

@@ -1,7 +1,9 @@
-"""Static skip sets that routers are measured against at equal compute.
+"""Static skip sets that routers are measured against.
 
-Each baseline drops K blocks for every input (a forced path, run through the
-same executor as the routers):
+Each baseline drops K blocks for every input, so it runs L - K blocks per
+pass (a forced path, run through the same executor as the routers); routers
+run as many as they decide, so a comparison is at equal compute only where
+the measured blocks per pass match (:func:`drllm.eval.report.compute_note`):
 
 - ``shortgpt``: ShortGPT (Men et al., 2024). Block Influence of block i is
   ``1 - mean cos(x_i, x_{i+1})`` over the real tokens of calibration prompts,
@@ -29,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..paths import skip_set_path
 from ..runtime.adapters import decoder, describe
 from ..runtime.control import block_states
 from ..search.mcts import skip_run_ok
@@ -38,8 +41,8 @@ from .scoring import evaluate_path, score_paths
 
 __all__ = [
     "BASELINES",
+    "BaselineError",
     "parse_baselines",
-    "skip_set_path",
     "exit_skips",
     "random_skips",
     "block_influence",
@@ -47,6 +50,7 @@ __all__ = [
     "greedy_skip_sets",
     "accuracy_scorer",
     "choose_skip_sets",
+    "check_ks",
     "check_disjoint",
     "calibration_set",
 ]
@@ -55,32 +59,51 @@ BASELINES = ("shortgpt", "static", "random", "exit")
 SEEDS = 5
 
 
+class BaselineError(ValueError):
+    """A baseline refuses its inputs (a K it cannot drop, calibration items that are evaluated or missing): the
+    command line prints it as one line."""
+
+
 def parse_baselines(specs: Sequence[str]) -> list[tuple[str, list[int]]]:
     """``["shortgpt:1,2,4", "exit:2"]`` -> ``[("shortgpt", [1, 2, 4]), ("exit", [2])]``."""
     out = []
     for spec in specs:
         method, _, ks = spec.partition(":")
         if method not in BASELINES or not ks:
-            raise ValueError(f"baseline {spec!r}: write METHOD:K[,K...] with METHOD one of {', '.join(BASELINES)}")
+            raise BaselineError(f"baseline {spec!r}: write METHOD:K[,K...] with METHOD one of {', '.join(BASELINES)}")
         try:
             values = sorted({int(k) for k in ks.split(",")})
         except ValueError:
-            raise ValueError(f"baseline {spec!r}: K must be whole numbers, e.g. {method}:1,2,4") from None
+            raise BaselineError(f"baseline {spec!r}: K must be whole numbers, e.g. {method}:1,2,4") from None
         if values[0] < 1:
-            raise ValueError(f"baseline {spec!r}: K must be >= 1")
+            raise BaselineError(f"baseline {spec!r}: K must be >= 1")
         out.append((method, values))
     return out
 
 
-def skip_set_path(num_blocks: int, skips: Sequence[int]) -> str:
-    """The path string that skips ``skips`` and executes every other block once."""
-    skipped = set(skips)
-    return "".join("0" if i in skipped else "1" for i in range(num_blocks))
-
-
 def _check_k(num_blocks: int, k: int) -> None:
     if not 1 <= k < num_blocks:
-        raise ValueError(f"cannot skip {k} of {num_blocks} blocks: K must be in [1, {num_blocks - 1}]")
+        raise BaselineError(f"cannot skip {k} of {num_blocks} blocks: K must be in [1, {num_blocks - 1}]")
+
+
+def max_skips(num_blocks: int, max_skip_run: int | None = 2) -> int:
+    """The most blocks a skip set can hold with no more than ``max_skip_run`` consecutive skips (and one block
+    executed)."""
+    if max_skip_run is None:
+        return num_blocks - 1
+    return min(num_blocks - 1, num_blocks - num_blocks // (max_skip_run + 1))
+
+
+def check_ks(num_blocks: int, baselines: Sequence[tuple[str, Sequence[int]]], max_skip_run: int = 2) -> None:
+    """Refuse, before anything is scored, a K that a baseline cannot drop from ``num_blocks`` blocks
+    (``random`` and ``static`` keep the skip-run limit; ``shortgpt`` and ``exit`` need one block left)."""
+    for method, ks in baselines:
+        limit = max_skips(num_blocks, max_skip_run if method in ("random", "static") else None)
+        bad = [k for k in ks if not 1 <= k <= limit]
+        if bad:
+            rule = f" with at most {max_skip_run} consecutive skips" if method in ("random", "static") else ""
+            raise BaselineError(f"baseline {method}:{','.join(map(str, ks))}: the model has {num_blocks} blocks, so "
+                                f"{method} can drop 1 to {limit}{rule}; K {', '.join(map(str, bad))} cannot be dropped")
 
 
 def exit_skips(num_blocks: int, k: int) -> list[int]:
@@ -90,14 +113,20 @@ def exit_skips(num_blocks: int, k: int) -> list[int]:
 
 
 def random_skips(num_blocks: int, k: int, seed: int, max_skip_run: int = 2, tries: int = 10_000) -> list[int]:
-    """``k`` blocks drawn uniformly among the sets with no more than ``max_skip_run`` consecutive skips."""
+    """``k`` blocks drawn uniformly among the sets with no more than ``max_skip_run`` consecutive skips.
+
+    The generator is seeded with ``(seed, k)``: one seed's sets of different
+    K are independent draws. Seeded with ``seed`` alone, the first blocks
+    drawn are the same for every K, so one seed's sets would be nested
+    ([6] in [6, 11] in [0, 4, 6, 11]) and its rows across K one draw, not several.
+    """
     _check_k(num_blocks, k)
-    rng = random.Random(seed)
+    rng = random.Random(f"random-skips:{seed}:{k}")  # a str seed hashes to the same state on every run
     for _ in range(tries):
         skips = sorted(rng.sample(range(num_blocks), k))
         if skip_run_ok(skip_set_path(num_blocks, skips), max_skip_run):
             return skips
-    raise ValueError(f"no {k}-block skip set of {num_blocks} blocks has at most {max_skip_run} consecutive skips")
+    raise BaselineError(f"no {k}-block skip set of {num_blocks} blocks has at most {max_skip_run} consecutive skips")
 
 
 # --------------------------------------------------------------------------- ShortGPT
@@ -135,7 +164,7 @@ def block_influence(model, tokenizer, examples: Sequence[Example], *, reward: st
                     style: str | None = None, batch_size: int = 16) -> list[float]:
     """ShortGPT Block Influence of every block: ``1 - mean cos(input, output)`` over real prompt tokens."""
     if not examples:
-        raise ValueError("ShortGPT needs calibration examples")
+        raise BaselineError("ShortGPT needs calibration examples")
     info = describe(model)
     total = torch.zeros(info.num_blocks, dtype=torch.float64)
     tokens = 0
@@ -176,7 +205,8 @@ def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: in
         candidates = [b for b in range(num_blocks) if b not in chosen
                       and skip_run_ok(skip_set_path(num_blocks, chosen + [b]), max_skip_run)]
         if not candidates:
-            raise ValueError(f"no block can be added to skips {chosen} within {max_skip_run} consecutive skips")
+            raise BaselineError(f"static:{k}: no block can be added to the greedy skips {chosen} within "
+                                f"{max_skip_run} consecutive skips; ask for K up to {k - 1}")
         scores = score([skip_set_path(num_blocks, chosen + [b]) for b in candidates])
         best = max(range(len(candidates)), key=lambda j: (scores[j], -candidates[j]))
         chosen = sorted(chosen + [candidates[best]])
@@ -189,7 +219,7 @@ def accuracy_scorer(model, tokenizer, examples: Sequence[Example], *, reward: st
     """``score(paths)``: per path, ``(accuracy, mean gold margin)`` on ``examples``, every path of an item scored
     in one pass (:func:`drllm.eval.scoring.score_paths`; generation: one path at a time, margin 0)."""
     if not examples:
-        raise ValueError("static skip sets need selection examples")
+        raise BaselineError("static skip sets need selection examples")
 
     def score(paths: list[str]) -> list[tuple]:
         if reward == "loglik":
@@ -210,8 +240,9 @@ def check_disjoint(calibration: Sequence[Example], evaluated: Sequence[Example])
     """Refuse calibration or selection items that are also evaluated: their figures would be chosen on the test."""
     shared = {e.id for e in calibration} & {e.id for e in evaluated}
     if shared:
-        raise ValueError(f"{len(shared)} calibration/selection items are also evaluated (e.g. {sorted(shared)[:3]}): "
-                         "take them from the train split, away from the evaluated items")
+        raise BaselineError(f"{len(shared)} calibration/selection items are also evaluated "
+                            f"(e.g. {sorted(shared)[:3]}): take them from the train split, away from the evaluated "
+                            "items")
 
 
 def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, dev_ids: Sequence[str] | None = None,
@@ -227,8 +258,8 @@ def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, dev_ids:
         dev = set(dev_ids)
         missing = dev - {e.id for e in train}
         if missing:
-            raise ValueError(f"{len(missing)} dev ids recorded with the routers are not {task} train items "
-                             f"(e.g. {sorted(map(str, missing))[:3]})")
+            raise BaselineError(f"{len(missing)} dev ids recorded with the routers are not {task} train items "
+                                f"(e.g. {sorted(map(str, missing))[:3]})")
         chosen = [e for e in train if e.id in dev]
         source = f"dev part recorded with the routers ({len(chosen)} {task} train items)"
     else:
@@ -262,4 +293,4 @@ def choose_skip_sets(model, tokenizer, method: str, ks: Sequence[int], *, calibr
                                 max_new_tokens=max_new_tokens)
         sets = greedy_skip_sets(score, L, max(ks), max_skip_run)
         return {k: [sets[k]] for k in ks}, info
-    raise ValueError(f"unknown baseline {method!r}: choose from {', '.join(BASELINES)}")
+    raise BaselineError(f"unknown baseline {method!r}: choose from {', '.join(BASELINES)}")

@@ -1,10 +1,11 @@
-"""Routers against the baselines at equal compute, on the same items and with the same scoring.
+"""Routers against the baselines, on the same items and with the same scoring.
 
 :func:`compare` puts the routers (at several lambdas) beside the baselines of
 :mod:`drllm.eval.baselines` (static skip sets, each a forced path through the
 same executor): one entry per method and setting, each with accuracy,
-interval, blocks per pass and McNemar's exact test against vanilla on the
-same items. :func:`choose_baselines` chooses the skip sets once, so several
+interval, measured blocks per pass (two rows are at equal compute only where
+these match: :func:`drllm.eval.report.compute_note`) and McNemar's exact test
+against vanilla on the same items. :func:`choose_baselines` chooses the skip sets once, so several
 data sets can be scored with them.
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..routing.routers import Routers
+from ..paths import skip_set_path
+from ..routing import BudgetRouters, Routers
 from ..runtime.adapters import describe
 from ..tasks import Example
 from . import baselines as bl
-from .scoring import evaluate_path, lam_sweep, score_paths, summarize_rows, vanilla_baseline
+from .budget import budget_oracle
+from .scoring import budget_sweep, evaluate_path, lam_sweep, score_paths, summarize_rows, vanilla_baseline
 from .stats import median_test, paired_test, seeded_accuracy
 
 __all__ = ["compare", "choose_baselines"]
@@ -53,17 +56,19 @@ def _entry(method: str, setting, rows: list[dict], vanilla: list[dict], **extra)
 
 
 def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
-    """Several skip sets of one setting (random seeds): their aggregate (:func:`~drllm.eval.stats.seeded_accuracy`),
-    ``mcnemar`` the run with the median p-value; ``runs`` keeps every run's own figures."""
-    pooled = seeded_accuracy([r["accuracy"] for r in runs], [r["correct"] for r in runs], runs[0]["n"])
+    """Several skip sets of one setting (random seeds): their aggregate (:func:`~drllm.eval.stats.seeded_accuracy`:
+    the mean, its interval a bootstrap over items), ``mcnemar`` the run with the median p-value; ``runs`` keeps every
+    run's own figures."""
+    seeded = seeded_accuracy([[int(c) for c in r["items"]] for r in runs])
     return {
         "method": method,
         "setting": setting,
         "n": runs[0]["n"],
-        "correct": pooled["correct"],
-        "accuracy": pooled["accuracy"],
-        "ci95": pooled["ci95"],
-        "spread": pooled["spread"],
+        "correct": seeded["correct"],
+        "accuracy": seeded["accuracy"],
+        "ci95": seeded["ci95"],
+        "ci95_method": seeded["ci95_method"],
+        "spread": seeded["spread"],
         "blocks_per_pass": sum(r["blocks_per_pass"] for r in runs) / len(runs),
         "layers_per_example": sum(r["layers_per_example"] for r in runs) / len(runs),
         "mcnemar": median_test([r["mcnemar"] for r in runs]),
@@ -86,12 +91,13 @@ def choose_baselines(model, tokenizer, baselines: Sequence[tuple[str, Sequence[i
     return sets, info
 
 
-def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers | None = None,
-            lams: Sequence[float] = (0.0,), baselines: Sequence[tuple[str, Sequence[int]]] = (),
+def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers | BudgetRouters | None = None,
+            lams: Sequence[float] = (0.0,), budgets: Sequence[int] = (), baselines: Sequence[tuple[str, Sequence[int]]] = (),
             calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
             batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
             normalize: str = "chars", skip_sets: tuple[dict, dict] | None = None, progress: bool = False) -> dict:
-    """Vanilla, the routers at each of ``lams`` and every baseline ``(method, Ks)`` on the same ``examples``.
+    """Vanilla, the routers at each of ``lams`` (budget routers: at each of ``budgets``, with the oracle of their
+    kind, :func:`~drllm.eval.budget.budget_oracle`) and every baseline ``(method, Ks)`` on the same ``examples``.
 
     ``calibration`` (ShortGPT prompts, the static selection set) must share
     no item with ``examples``; ``skip_sets``, a :func:`choose_baselines`
@@ -110,17 +116,31 @@ def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers |
                                      reward=reward, **settings)
     sets, chosen = skip_sets
     L = describe(model).num_blocks
-    forced = ["1" * L] + [bl.skip_set_path(L, s) for by_k in sets.values() for ss in by_k.values() for s in ss]
+    forced = ["1" * L] + [skip_set_path(L, s) for by_k in sets.values() for ss in by_k.values() for s in ss]
     rows = _path_rows(model, tokenizer, examples, forced, reward=reward, progress=progress, **settings)
     vanilla = rows["1" * L]
-    sweep = []
-    if routers is not None:
+    sweep, oracle = [], {}
+    if isinstance(routers, BudgetRouters):
+        sweep = budget_sweep(model, tokenizer, routers, examples, budgets, reward=reward,
+                             baseline=vanilla_baseline(examples, vanilla, reward), **settings)
+        if reward == "loglik":
+            oracle = budget_oracle(model, tokenizer, examples, routers, budgets, progress=progress)
+    elif routers is not None:
         sweep = lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
                           baseline=vanilla_baseline(examples, vanilla, reward), **settings)
     methods = [_entry("vanilla", None, vanilla, vanilla)]
-    methods += [_entry("routers", r["lam"], [e["routed_row"] for e in r["examples"]], vanilla) for r in sweep]
+    for r in sweep:
+        rows_r = [e["routed_row"] for e in r["examples"]]
+        if r["budget"] is None:
+            methods.append(_entry("routers", r["lam"], rows_r, vanilla))
+        else:
+            methods.append(_entry("routers", f"budget {r['budget']}", rows_r, vanilla, budget=r["budget"]))
+    for k, (paths, correct) in oracle.items():
+        rows_o = [{**v, "correct": c, "path": p, "layers": (L - k) * v["passes"]}
+                  for v, p, c in zip(vanilla, paths, correct)]
+        methods.append(_entry("oracle", k, rows_o, vanilla, budget=k))
     for method, by_k in sets.items():
         for k, skip_lists in by_k.items():
-            runs = [_entry(method, k, rows[bl.skip_set_path(L, s)], vanilla, skipped=s) for s in skip_lists]
+            runs = [_entry(method, k, rows[skip_set_path(L, s)], vanilla, skipped=s) for s in skip_lists]
             methods.append(_seeded_entry(method, k, runs) if len(runs) > 1 else runs[0])
     return {"methods": methods, "sweep": sweep, "baselines": chosen}

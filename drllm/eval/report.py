@@ -15,8 +15,11 @@ from typing import Sequence
 from ..integrations.plotting import pyplot, save_figure
 from .stats import median_test, paired_test
 
-__all__ = ["format_table", "frontier_table", "routers_vs_baselines", "verdict", "selection_lines", "frontier_plot",
-           "METHOD_STYLES"]
+__all__ = ["format_table", "frontier_table", "frontier_legend", "compute_note", "routers_vs_baselines", "verdict",
+           "selection_lines", "frontier_plot", "METHOD_STYLES"]
+
+#: Blocks per pass closer than this are the same compute (the tables print two decimals).
+SAME_BLOCKS = 0.005
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
@@ -50,33 +53,87 @@ def frontier_table(methods: Sequence[dict]) -> tuple[list[str], list[list[str]]]
         skipped = m.get("skipped", "-")
         if "runs" in m:
             skipped = f"{len(m['runs'])} seeds"
-        setting = "-" if m["setting"] is None else f"{m['setting']:g}"
-        rows.append([m["method"], setting, acc, f"{m['blocks_per_pass']:.2f}",
+        rows.append([m["method"], setting_text(m), acc, f"{m['blocks_per_pass']:.2f}",
                      f"{m['accuracy'] - vanilla['accuracy']:+.3f}", test, verdict(m), str(skipped)])
     headers = ["method", "K / λ", "accuracy [95% CI]", "blocks/pass", "Δ accuracy",
                "McNemar p (only vanilla/only method)", "vs vanilla", "skipped blocks"]
     return headers, rows
 
 
+def setting_text(entry: dict) -> str:
+    """A row's setting as the tables print it: ``-``, a K or a lambda (``0.25``), or ``budget 4``."""
+    setting = entry["setting"]
+    if setting is None:
+        return "-"
+    return f"{setting:g}" if isinstance(setting, (int, float)) else str(setting)
+
+
+def row_name(entry: dict) -> str:
+    """How the tables name a row: ``vanilla``, ``routers λ 0``, ``static:2``."""
+    if entry["method"] == "vanilla":
+        return "vanilla"
+    if entry["method"] == "routers" and isinstance(entry["setting"], (int, float)):
+        return f"routers λ {entry['setting']:g}"
+    if entry["method"] == "routers":
+        return f"routers {entry['setting']}"
+    return f"{entry['method']}:{entry['setting']}"
+
+
+def compute_note(blocks: float, other: float) -> str:
+    """``equal compute`` only where the measured blocks per pass match; else how many more (or fewer) blocks per
+    pass the first runs, so no table says equal compute of rows that are not."""
+    if abs(blocks - other) < SAME_BLOCKS:
+        return "equal compute"
+    return f"{blocks - other:+.2f} blocks/pass"
+
+
+def frontier_legend(methods: Sequence[dict]) -> str:
+    """What the comparison table's intervals are, and which rows ran at equal compute (same measured blocks per
+    pass; rows of one K share it by construction, routers run what they decide)."""
+    lines = ["accuracy [95% CI]: Wilson interval over the items; McNemar's exact test against vanilla on the same "
+             "items (\"no significant difference\" when p >= 0.05)."]
+    for m in methods:
+        if "runs" in m:
+            lines.append(f"{row_name(m)}: mean over {len(m['runs'])} seeds (± their standard deviation); its interval "
+                         f"is a {m.get('ci95_method', 'Wilson interval')}; its test is the median seed's.")
+    groups: dict[float, list[dict]] = {}
+    for m in methods:
+        key = next((k for k in groups if abs(k - m["blocks_per_pass"]) < SAME_BLOCKS), m["blocks_per_pass"])
+        groups.setdefault(key, []).append(m)
+    alone = []
+    for blocks, members in groups.items():
+        if len(members) > 1:
+            lines.append(f"equal compute ({blocks:.2f} blocks/pass): {', '.join(row_name(m) for m in members)}.")
+        else:
+            alone.append(f"{row_name(members[0])} ({blocks:.2f})")
+    if alone:
+        lines.append(f"no other row at the same blocks/pass: {', '.join(alone)}.")
+    return "\n".join("- " + line for line in lines)
+
+
 def routers_vs_baselines(methods: Sequence[dict], alpha: float = 0.05) -> tuple[list[str], list[list[str]]]:
     """Headers and rows: each router setting against each baseline setting, McNemar's exact test on the same
-    items (random: against each seed's skip set, the seed with the median p, as against vanilla)."""
+    items (random: against each seed's skip set, the seed with the median p, as against vanilla), and whether
+    the two ran at equal compute (:func:`compute_note`)."""
     routers = [m for m in methods if m["method"] == "routers"]
     others = [m for m in methods if m["method"] not in ("vanilla", "routers")]
     rows = []
     for r in routers:
-        for m in others:
+        # budget routers at K meet the baselines dropping the same K blocks (equal compute); lambda routers all
+        for m in (o for o in others if r.get("budget") is None or o["setting"] == r["budget"]):
             t = median_test([paired_test([int(c) for c in run["items"]], [int(c) for c in r["items"]])
                              for run in m.get("runs", [m])])
             if t["p"] >= alpha:
                 word = "within noise"
             else:
                 word = "routers above" if t["only_method"] > t["only_vanilla"] else "routers below"
-            rows.append([f"{r['setting']:g}", f"{r['blocks_per_pass']:.2f}", f"{m['method']}:{m['setting']}",
+            rows.append([setting_text(r), f"{r['blocks_per_pass']:.2f}", f"{m['method']}:{m['setting']}",
                          f"{m['blocks_per_pass']:.2f}", f"{r['accuracy'] - m['accuracy']:+.3f}",
-                         f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})", word])
-    headers = ["routers λ", "routers blocks/pass", "baseline", "baseline blocks/pass", "Δ accuracy (routers - baseline)",
-               "McNemar p (only baseline/only routers)", "routers vs baseline"]
+                         f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})", word,
+                         compute_note(r["blocks_per_pass"], m["blocks_per_pass"])])
+    headers = ["routers (λ or budget)", "routers blocks/pass", "baseline", "baseline blocks/pass",
+               "Δ accuracy (routers - baseline)", "McNemar p (only baseline/only routers)", "routers vs baseline",
+               "compute (routers - baseline)"]
     return headers, rows
 
 
@@ -99,10 +156,12 @@ def selection_lines(selection: dict) -> str:
 # colour, marker, x offset: the baselines of one K share a block count, so each is drawn slightly aside
 METHOD_STYLES = {
     "routers": ("#7570b3", "o", 0.0),
+    "routers budget": ("#1f78b4", "o", 0.0),  # budget routers: one point per K, drawn as a curve
     "shortgpt": ("#d95f02", "s", -0.09),
     "static": ("#1b9e77", "D", -0.03),
     "random": ("#777777", "v", 0.03),
     "exit": ("#e7298a", "^", 0.09),
+    "oracle": ("#e6ab02", "P", 0.06),
 }
 
 
@@ -122,11 +181,13 @@ def frontier_plot(methods: Sequence[dict], path: str | os.PathLike, title: str =
     ax.axhline(vanilla["accuracy"], color="k", ls="--", lw=1)
     _series(ax, [vanilla], "k", "*", 0.0, "vanilla (CI shaded)", markersize=18)
     for method, (color, marker, dx) in METHOD_STYLES.items():
-        points = sorted((m for m in methods if m["method"] == method), key=lambda m: m["blocks_per_pass"])
+        points = sorted((m for m in methods if m["method"] == method and m.get("budget") is None
+                         or method == "routers budget" and m["method"] == "routers" and m.get("budget") is not None),
+                        key=lambda m: m["blocks_per_pass"])
         if points:
             _series(ax, points, color, marker, dx, method, markersize=9)
     for m in methods:  # a baseline's K reads off the x axis (L - K blocks); the routers' lambda does not
-        if m["method"] == "routers":
+        if m["method"] == "routers" and m.get("budget") is None:
             # to the left: routers usually sit just below vanilla's block count, where the star is drawn
             ax.annotate(f"λ={m['setting']:g}", (m["blocks_per_pass"], m["accuracy"]), textcoords="offset points",
                         xytext=(-8, 8), ha="right", fontsize=12, color=METHOD_STYLES["routers"][0])

@@ -37,7 +37,7 @@ from ..search.evaluator import PathEvaluator
 from ..tasks import Example, encode_prompt, generate_answers, generation_prompt, score_choices, use_chat_template
 from .stats import wilson_interval
 
-__all__ = ["evaluate", "lam_sweep", "evaluate_path", "score_paths", "summarize_rows", "vanilla_baseline", "REWARDS"]
+__all__ = ["evaluate", "lam_sweep", "budget_sweep", "evaluate_path", "score_paths", "summarize_rows", "vanilla_baseline", "REWARDS"]
 
 REWARDS = ("loglik", "generate")
 
@@ -163,6 +163,7 @@ def evaluate(
     *,
     reward: str = "loglik",
     lam: float = 0.0,
+    budget: int | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 256,
     style: str | None = None,
@@ -172,13 +173,14 @@ def evaluate(
     """Vanilla and routed accuracy and layer counts of ``model`` on ``examples``.
 
     ``model`` must not be patched: it is patched with ``routers`` (and the
-    control knob ``lam``) for the routed run and unpatched afterwards.
+    control knob ``lam``, or the ``budget`` of budget routers) for the routed
+    run and unpatched afterwards.
     ``style`` is the prompt style (default ``"plain"`` cloze for
     ``loglik``, ``"auto"`` for ``generate``). ``baseline``, an earlier
     result of this function on the same examples and settings, supplies the
     vanilla run (a lambda sweep scores the vanilla model once).
 
-    Returns ``{"reward", "lam", "num_blocks", "n", "vanilla", "routed",
+    Returns ``{"reward", "lam", "budget", "num_blocks", "n", "vanilla", "routed",
     "difference", "examples", "decisions"}``: ``vanilla`` / ``routed`` hold
     ``accuracy``, ``ci95`` (Wilson), ``correct``, ``mean_path_length``,
     ``layers_per_example``, ``forward_passes_per_example``,
@@ -203,7 +205,7 @@ def evaluate(
         vanilla = [e["vanilla_row"] for e in baseline["examples"]]
     else:
         vanilla = _run(model, tokenizer, examples, reward, False, **settings)
-    patch(model, routers, lam=lam)
+    patch(model, routers, lam=lam, budget=budget)
     try:
         routed = _run(model, tokenizer, examples, reward, True, **settings)
     finally:
@@ -229,6 +231,7 @@ def evaluate(
     result = {
         "reward": reward,
         "lam": lam,
+        "budget": budget,
         "num_blocks": L,
         "n": len(examples),
         "vanilla": v,
@@ -255,9 +258,19 @@ def lam_sweep(model, tokenizer, routers: Routers, examples: Sequence[Example], l
               baseline: dict | None = None, **kwargs) -> list[dict]:
     """:func:`evaluate` at each control-knob value in ``lams``, scoring the vanilla model once (or never,
     given a ``baseline``)."""
+    return _sweep(model, tokenizer, routers, examples, [{"lam": float(lam)} for lam in lams], baseline, kwargs)
+
+
+def budget_sweep(model, tokenizer, routers, examples: Sequence[Example], budgets: Sequence[int], *,
+                 baseline: dict | None = None, **kwargs) -> list[dict]:
+    """:func:`evaluate` of budget routers at each budget K, scoring the vanilla model once (or never)."""
+    return _sweep(model, tokenizer, routers, examples, [{"budget": int(k)} for k in budgets], baseline, kwargs)
+
+
+def _sweep(model, tokenizer, routers, examples, knobs: list[dict], baseline: dict | None, kwargs: dict) -> list[dict]:
     results: list[dict] = []
-    for lam in lams:
-        results.append(evaluate(model, tokenizer, routers, examples, lam=float(lam),
+    for knob in knobs:
+        results.append(evaluate(model, tokenizer, routers, examples, **knob,
                                 baseline=results[0] if results else baseline, **kwargs))
     return results
 

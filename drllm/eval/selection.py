@@ -13,13 +13,17 @@ pass, then to the value scored first (margins in grid order, lambda 0 first). No
 dev items come from the search records themselves.
 
 The chosen values and the dev figures they were chosen on are written next
-to the routers (``selection.json``, :func:`read_selection`). It lives in
+to the routers (``selection.json``, :func:`read_selection`), with the task
+the dev part was drawn from; ``drllm eval`` and ``drllm generate`` route at
+the chosen knobs unless given others (:func:`routing_knobs`) and calibrate
+baselines on that dev part (:func:`routers_dev_part`). It lives in
 eval, not train: choosing is scoring on top of training (eval imports train,
 never the reverse).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -29,12 +33,13 @@ import torch
 
 from ..artifacts import ArtifactError, exclusive_lock, read_json, write_json
 from ..routing.routers import Routers
-from ..tasks import Example
+from ..tasks import TASKS, Example
 from ..train.loop import TrainConfig, train_routers
 from ..train.records import read_path_records, record_example
 from .scoring import evaluate
 
-__all__ = ["MARGINS", "LAMS", "SELECTION_NAME", "select_routers", "read_selection"]
+__all__ = ["MARGINS", "LAMS", "SELECTION_NAME", "ROUTING_KNOBS", "select_routers", "read_selection", "routing_knobs",
+           "routers_dev_part"]
 
 #: Grids searched when none is given (``drllm train --min-margin/--lam``).
 MARGINS = (0.1, 0.2, 0.4)
@@ -42,6 +47,10 @@ LAMS = (-0.25, 0.0, 0.25)
 SELECTION_NAME = "selection.json"
 CANDIDATES = "candidates"
 RULE = "highest dev accuracy, then fewest blocks per pass, then the value scored first (grid order, lambda 0 first)"
+#: The knobs routing reads back from ``selection.json`` (``drllm eval``, ``drllm generate``), each with its value when
+#: the routers hold no selection. A knob given on the command line wins; a budget chosen by ``drllm train`` is read
+#: here the same way once it is recorded.
+ROUTING_KNOBS = {"lam": 0.0}
 
 
 def select_routers(
@@ -77,8 +86,9 @@ def select_routers(
                               config=replace(shared, min_margin=m), skips_file=skips_file, callback=callback)
                 for m in margins]
         candidates = [Routers.from_pretrained(r["out_dir"]) for r in runs]
+        by_id = {r.get("id"): r for r in read_path_records(paths_file)}
         if len(margins) * len(lams) > 1:
-            chosen = _choose(model, tokenizer, paths_file, runs, candidates, margins, lams, examples, batch_size)
+            chosen = _choose(model, tokenizer, by_id, runs, candidates, margins, lams, examples, batch_size)
         else:
             chosen = {"index": 0, "lam": lams[0], "dev_vanilla": None, "scored": []}
         run = runs[chosen["index"]]
@@ -94,6 +104,7 @@ def select_routers(
             "train": run["train"],
             "dev": run["dev"],
             "dev_ids": run["dev_ids"],
+            "task": _dev_task(by_id, run["dev_ids"]),
             "margins": margins,
             "lams": lams,
             "rule": RULE,
@@ -104,14 +115,20 @@ def select_routers(
     return {**selection, "run": run}
 
 
-def _choose(model, tokenizer, paths_file, runs, candidates, margins, lams, examples, batch_size) -> dict:
+def _dev_task(by_id: Mapping[str, dict], dev_ids: Sequence[str]) -> str | None:
+    """The task the dev part's records were searched on (None when they name none, or several): baselines
+    calibrated on that dev part read its train split, whatever task is evaluated."""
+    tasks = {by_id[i].get("task") for i in dev_ids if i in by_id}
+    return tasks.pop() if len(tasks) == 1 else None
+
+
+def _choose(model, tokenizer, by_id, runs, candidates, margins, lams, examples, batch_size) -> dict:
     """Score the candidates on the dev part: every margin at lambda 0 (else the grid's first), then the best
     margin at every lambda."""
     dev_ids = runs[0]["dev_ids"]
     if not dev_ids:
         raise ValueError("no dev part to choose the knobs on (too few records, or dev_fraction 0): "
                          "give one value of each knob")
-    by_id = {r.get("id"): r for r in read_path_records(paths_file)}
     items = [record_example(by_id[i], examples) for i in dev_ids]
     reward = by_id[dev_ids[0]].get("reward_mode") or "loglik"
     first_lam = 0.0 if 0.0 in lams else lams[0]
@@ -143,11 +160,54 @@ def _best(entries: list[dict]) -> dict:
 
 
 def read_selection(routers_dir: str | os.PathLike) -> dict | None:
-    """The ``selection.json`` beside routers (None when they were not chosen this way)."""
+    """The ``selection.json`` beside routers (None when they were not chosen this way), its fields checked
+    before use: the routing knobs, the dev ids and the task."""
     path = Path(routers_dir) / SELECTION_NAME
     if not path.is_file():
         return None
-    selection = read_json(path, "delete it, or train the routers again")
+    fix = "delete it, or train the routers again"
+    selection = read_json(path, fix)
     if not isinstance(selection, dict) or not {"min_margin", "lam", "epoch", "dev_ids"} <= set(selection):
         raise ArtifactError(f"{path}: not a selection record of drllm train")
+    lam = selection["lam"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or not -1 <= lam <= 1:
+        raise ArtifactError(f"{path}: 'lam' must be a number in [-1, 1], got {lam!r}: {fix}")
+    ids = selection["dev_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ArtifactError(f"{path}: 'dev_ids' must be a list of item ids: {fix}")
+    if selection.get("task") is not None and selection["task"] not in TASKS:
+        raise ArtifactError(f"{path}: 'task' must be one of {', '.join(TASKS)}, got {selection['task']!r}: {fix}")
     return selection
+
+
+def routing_knobs(selection: Mapping | None, **given: Any) -> dict[str, tuple[Any, str]]:
+    """Each knob of :data:`ROUTING_KNOBS` as routing uses it, with where its value came from:
+    ``given`` (a command's option, None when left out: ``--lam``) wins, then ``selection`` (the routers'
+    ``selection.json``), then the default. ``{"lam": (value, source)}``."""
+    knobs = {}
+    for knob, default in ROUTING_KNOBS.items():
+        if given.get(knob) is not None:
+            knobs[knob] = (given[knob], "given on the command line")
+        elif selection is not None and knob in selection:
+            knobs[knob] = (selection[knob], "chosen by drllm train")
+        else:
+            knobs[knob] = (default, "the default: no selection.json beside the routers")
+    return knobs
+
+
+def routers_dev_part(selection: Mapping | None, routers_dir: str | os.PathLike) -> tuple[str, list[str]] | None:
+    """``(task, dev ids)`` of the dev part recorded with the routers, None when none was recorded.
+
+    The ids are items of that task's train split, whatever task is then
+    evaluated (ARC-Easy routers evaluated on ARC-Challenge calibrate on
+    ARC-Easy train items). A record that does not name its task (written by
+    an older drllm train) is refused with what to do.
+    """
+    if selection is None or not selection["dev_ids"]:
+        return None
+    if not selection.get("task"):
+        raise ArtifactError(
+            f"{Path(routers_dir) / SELECTION_NAME} does not say which task its dev ids come from (written by an "
+            "older drllm train): add \"task\": \"arc_easy\" (the task the routers' paths were searched on) to it, "
+            "or train the routers again")
+    return selection["task"], list(selection["dev_ids"])

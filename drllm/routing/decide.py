@@ -7,6 +7,7 @@ not with the runtime that executes the decisions.
 from __future__ import annotations
 
 import math
+import reprlib
 
 import torch
 
@@ -55,8 +56,8 @@ def choose(logits: torch.Tensor, lam: float, rule: str = "shift") -> torch.Tenso
 
 
 def check_max_skip_run(max_skip_run: int | None) -> int | None:
-    if max_skip_run is not None and (not isinstance(max_skip_run, int) or max_skip_run < 0):
-        raise ValueError(f"max_skip_run must be a count of blocks >= 0 or None, got {max_skip_run!r}")
+    if max_skip_run is not None and (type(max_skip_run) is not int or max_skip_run < 0):  # bool refused
+        raise ValueError(f"max_skip_run must be a count of blocks >= 0 or None, got {reprlib.repr(max_skip_run)}")
     return max_skip_run
 
 

@@ -1,4 +1,5 @@
-"""What a caller sets and reads on a (possibly unpatched) model: forced paths, observers, lambda, last paths.
+"""What a caller sets and reads on a (possibly unpatched) model: forced paths, observers, lambda, budget, last
+paths.
 
 Settings are context-local (a ``with`` block applies to this caller's calls
 only); a model that is not patched is patched for the duration of the block
@@ -16,7 +17,7 @@ from torch import nn
 from ..paths import as_paths, default_path
 from ..routing import check_lam
 from .adapters import describe
-from .patch import patch, unpatch
+from .patch import check_routing, patch, unpatch
 from .state import applied, require_state, state_of
 
 _PATCH_LOCK = threading.Lock()  # temporary patches made by forced_paths/observe from several threads
@@ -25,7 +26,16 @@ _PATCH_LOCK = threading.Lock()  # temporary patches made by forced_paths/observe
 def set_lam(model: nn.Module, lam: float, rule: str | None = None) -> None:
     """Change the control knob of a patched model (and, optionally, its rule: ``shift`` or ``mix``)."""
     state = require_state(model)
-    state.lam, state.lam_rule = check_lam(lam, rule or state.lam_rule)
+    lam, rule = check_lam(lam, rule or state.lam_rule)
+    check_routing(state.routers, lam, state.budget)
+    state.lam, state.lam_rule = lam, rule
+
+
+def set_budget(model: nn.Module, budget: int) -> None:
+    """Change how many blocks every row skips on a model patched with budget routers (0: vanilla)."""
+    state = require_state(model)
+    budget = check_routing(state.routers, state.lam, budget)
+    state.budget = state.routers.check_budget(budget)
 
 
 def last_paths(model: nn.Module) -> torch.Tensor:

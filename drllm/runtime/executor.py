@@ -47,6 +47,7 @@ class Call:
     lam: float = 0.0
     lam_rule: str = "shift"
     max_skip_run: int | None = None  # routed decisions never skip more consecutive blocks (None: no limit)
+    budget: int | None = None  # with budget routers: blocks each row skips, its whole path picked at their tap
     pool_mask: torch.Tensor | None = None
     observer: Callable | None = None
     inject: dict = field(default_factory=dict)  # block -> (row index, states entering that block)
@@ -77,10 +78,21 @@ class Call:
             hidden = states if index is None else ops.scatter_rows(hidden, index.to(hidden.device), states)
         if self.observer is not None:
             self.observer(block, hidden)
-        if self.plan[block] is None:
+        if self.plan[block] is None and self.budget is not None:
+            self.decide_budget(block, hidden)
+        elif self.plan[block] is None:
             self.decisions[:, block] = self.decide(block, hidden)
             self.plan[block] = self.plan_rows(self.decisions[:, block], hidden.device)
         return hidden, self.plan[block]
+
+    def decide_budget(self, tap: int, hidden: torch.Tensor) -> None:
+        """Every row's whole path from the budget routers, read once at their ``tap`` block: the decisions and
+        plans of blocks ``tap`` and after, at once (the blocks before run every row)."""
+        paths = self.routers.pick(self.routers.scores(hidden, self.pool_mask), self.budget)
+        self.decisions[:, tap:] = paths[:, tap:]
+        for i in range(tap, len(self.plan)):
+            device = (self.devices[i] if self.devices else None) or hidden.device
+            self.plan[i] = self.plan_rows(self.decisions[:, i], device)
 
     def decide(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
         """The routers' ``[B]`` decisions (CPU) for ``block``, under the knob and the skip-run limit.

@@ -57,7 +57,8 @@ def with_paths(forward):
 
 
 def prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask, device) -> Call:
-    """The call of a forward that starts a sequence: forced paths, all-execute, or routed block by block."""
+    """The call of a forward that starts a sequence: forced paths, all-execute, routed block by block, or routed
+    at once at the budget routers' tap (the blocks before it run every row)."""
     L = state.num_blocks
     common = dict(owner=state, observer=settings.observer, devices=state.devices)
     if settings.forced is not None:
@@ -69,15 +70,17 @@ def prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask,
         devices = state.devices or (None,) * L
         call.plan = [call.plan_rows(executed[:, i], devices[i] or device) for i in range(L)]
         return call
-    if state.routers is None:
+    if state.routers is None or state.budget == 0:
         return Call(decisions=torch.ones(batch, L, dtype=torch.int64), plan=[EVERY_ROW] * L, **common)
+    tap = 0 if state.budget is None else state.routers.tap
     return Call(
-        decisions=torch.zeros(batch, L, dtype=torch.int64),
-        plan=[None] * L,
+        decisions=torch.ones(batch, L, dtype=torch.int64),
+        plan=[EVERY_ROW] * tap + [None] * (L - tap),
         routers=state.routers,
         lam=state.lam,
         lam_rule=state.lam_rule,
         max_skip_run=state.max_skip_run,
+        budget=state.budget,
         pool_mask=pool_mask(),
         **common,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..routing import Routers, check_lam
+from ..routing import BudgetRouters, Routers, check_lam
 from ..routing.decide import check_max_skip_run
 from .adapters import cache_kwarg, describe, dispatched_device
 from .executor import routed_block
@@ -19,8 +19,8 @@ def _replace(state: RoutingState, module: nn.Module, name: str, value) -> None:
     setattr(module, name, value)
 
 
-def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, lam_rule: str = "shift",
-          max_skip_run: int | None = 2) -> nn.Module:
+def patch(model: nn.Module, routers: Routers | BudgetRouters | None = None, lam: float = 0.0, lam_rule: str = "shift",
+          max_skip_run: int | None = 2, budget: int | None = None) -> nn.Module:
     """Route ``model`` (a loaded HF decoder model) in place and return it.
 
     Each row's path is decided once, on the prompt, by ``routers`` (or set by
@@ -28,7 +28,11 @@ def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, la
     ``lam`` in [-1, 1] moves decisions towards skip or repeat (see
     :func:`drllm.routing.choose` for ``lam_rule``). Routed paths keep the
     search's constraint: no more than ``max_skip_run`` consecutive skipped
-    blocks (None lifts it; forced paths are never changed). Works on models
+    blocks (None lifts it; forced paths are never changed). With
+    :class:`~drllm.routing.BudgetRouters`, ``budget=K`` is required instead of
+    ``lam``: every row skips exactly K blocks, chosen once at the routers' tap
+    block under their own skip-run limit (K = 0 is vanilla;
+    :func:`drllm.set_budget` changes it). Works on models
     dispatched with accelerate: each router runs on its block's device.
     Forward outputs carry the call's decisions as ``out.paths``.
     :func:`unpatch` restores the instance exactly.
@@ -40,11 +44,16 @@ def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, la
     lam, lam_rule = check_lam(lam, lam_rule)
     check_max_skip_run(max_skip_run)
     devices = tuple(dispatched_device(layer) for layer in base.layers)
+    budget = check_routing(routers, lam, budget)
     if routers is not None:
         routers.check_compatible(info.model_type, info.hidden_size, info.num_blocks)
+    if budget is not None:
+        budget = routers.check_budget(budget)
+        routers.to(devices[routers.tap] or info.device)
+    elif routers is not None:
         for mlp, device in zip(routers.mlps, devices):
             mlp.to(device or info.device)
-    state = RoutingState(info.num_blocks, routers, lam, lam_rule, max_skip_run, devices if any(devices) else ())
+    state = RoutingState(info.num_blocks, routers, lam, lam_rule, max_skip_run, budget, devices if any(devices) else ())
     for i, layer in enumerate(base.layers):
         _replace(state, layer, "forward", routed_block(layer, i, state, cache_kwarg(type(layer).forward)))
     _replace(state, base, "forward", routed_model_forward(base, base.forward, state))
@@ -55,6 +64,22 @@ def patch(model: nn.Module, routers: Routers | None = None, lam: float = 0.0, la
             _replace(state, model, "generate", routed_generate(model, model.generate))
     setattr(base, STATE_ATTR, state)
     return model
+
+
+def check_routing(routers, lam: float, budget) -> int | None:
+    """The budget, None for per-block routers: budget routers take a budget and no lam, per-block routers the
+    reverse (one-line ValueErrors saying which knob goes with which routers)."""
+    if isinstance(routers, BudgetRouters):
+        if budget is None:
+            raise ValueError("budget routers need a budget: drllm.patch(model, routers, budget=K) skips K blocks "
+                             "per row")
+        if lam != 0:
+            raise ValueError(f"lam={lam} moves per-block routers; budget routers skip exactly budget=K blocks per row")
+        return budget
+    if budget is not None:
+        raise ValueError(f"budget={budget} needs budget routers (drllm.routing.BudgetRouters); "
+                         "per-block Routers are moved with lam instead")
+    return None
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -1,6 +1,6 @@
 """What a patch adds to a model instance, and the per-caller settings of forced paths and observers.
 
-The model keeps only its configuration (routers, lambda, devices); every
+The model keeps only its configuration (routers, lambda or budget, devices); every
 forward call's own state is an :class:`~drllm.runtime.executor.Call`.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..routing import Routers
+from ..routing import BudgetRouters, Routers
 from .adapters import describe
 
 STATE_ATTR = "_drllm_state"
@@ -26,10 +26,11 @@ class RoutingState:
     """What the patch adds to a model instance: its configuration, not any call's state."""
 
     num_blocks: int
-    routers: Routers | None = None
+    routers: Routers | BudgetRouters | None = None
     lam: float = 0.0
     lam_rule: str = "shift"
     max_skip_run: int | None = 2
+    budget: int | None = None  # blocks each row skips, with budget routers (None with per-block routers)
     devices: tuple = ()  # per block: its accelerate execution device, or None
     saved: list = field(default_factory=list)  # (module, attribute, instance value before the patch or ABSENT)
     local: threading.local = field(default_factory=threading.local)  # .last: decisions of this thread's last call

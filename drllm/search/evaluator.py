@@ -46,13 +46,17 @@ class PathResult:
     """Outcome of one path on one example. ``margin`` (log-likelihood mode
     only) is the gold choice's normalised score minus the best wrong one's;
     ``reward`` is 1 when the answer is correct (log-likelihood mode: by a
-    margin of at least the evaluator's ``min_margin``)."""
+    margin of at least the evaluator's ``min_margin``). ``scores``
+    (log-likelihood mode only) are the normalised per-choice scores, so a
+    caller can compare answer distributions (:mod:`drllm.train.damage`);
+    search records leave them out."""
 
     path: str
     reward: int
     margin: float | None
     length: int
     prediction: str | None = None
+    scores: tuple[float, ...] | None = None
 
     def as_record(self) -> dict:
         return {"path": self.path, "reward": self.reward, "margin": self.margin, "length": self.length}
@@ -262,7 +266,7 @@ class PathEvaluator:
             score = choice_scores_from_loglikelihoods(lps, self.example.gold_index, self.lengths)
             wins = score.correct and score.margin >= self.min_margin
             out.append(PathResult(path_to_str(path), int(wins), float(score.margin), int(path.sum()),
-                                  self.example.labels[score.choice]))
+                                  self.example.labels[score.choice], score.normalized))
         return out
 
     # ---------------------------------------------------------------- generation

@@ -7,6 +7,8 @@
 - :mod:`~drllm.train.features`: window means of the hidden states along each
   label path, computed once and cached on disk;
 - :mod:`~drllm.train.objective`: loss, class weights, logits, metrics, schedule;
+- :mod:`~drllm.train.damage`: continuous damage targets (margin drop, KL to the
+  full model, correctness) of candidate skip sets per item, for budget routers;
 - :mod:`~drllm.train.checkpoints`: resumable per-epoch checkpoints
   (safetensors + JSON, never pickle);
 - :mod:`~drllm.train.loop`: one training run (:func:`train_routers`).
@@ -15,6 +17,7 @@ Choosing ``min_margin`` and lambda on the dev part scores candidates, so it
 lives in evaluation (:mod:`drllm.eval.selection`); train never imports eval.
 """
 
+from .damage import damage_candidates, measure_damage, read_damage
 from .features import FeatureCache, cached_features, extract_features, feature_key
 from .labels import CLASS_NAMES, label_path, load_path_records, split_dev, train_shared_skip, trusted_labels
 from .loop import TrainConfig, train_routers
@@ -29,11 +32,14 @@ __all__ = [
     "cached_features",
     "class_weights",
     "classification_metrics",
+    "damage_candidates",
     "extract_features",
     "feature_key",
     "focal_loss",
     "label_path",
     "load_path_records",
+    "measure_damage",
+    "read_damage",
     "read_path_records",
     "read_probes",
     "record_example",
