@@ -1,4 +1,4 @@
-"""``drllm``: search | train | eval | generate | bench | demo.
+"""``drllm``: search | train | eval | generate | bench | demo | lm-eval.
 
 Building the parser imports only the light command modules (options and
 help); each command imports torch and its implementation inside ``run``, so
@@ -18,7 +18,7 @@ from .commands.common import UsageError
 from .tasks.data import DataFormatError, DataUnavailableError
 
 # Subcommand modules in drllm.commands, in the order ``--help`` lists them.
-COMMANDS = ["search", "train", "eval", "generate", "bench", "demo"]
+COMMANDS = ["search", "train", "eval", "generate", "bench", "demo", "lm_eval"]
 # Refused files (ArtifactError: a locked output, other settings, a corrupt or foreign checkpoint) too.
 USER_ERRORS = (UsageError, DataUnavailableError, DataFormatError, ArtifactError)
 

@@ -12,10 +12,10 @@ SKIP, EXECUTE, REPEAT = 0, 1, 2
 def as_paths(paths, num_blocks: int, batch_size: int | None = None) -> torch.Tensor:
     """Validate ``paths`` and return them as an int64 CPU tensor ``[B, L]``.
 
-    Accepts a ``[B, L]`` or ``[L]`` tensor or nested lists. A single row is
-    broadcast to ``batch_size`` rows; ``n`` rows are repeated row-wise when
-    ``batch_size`` is a multiple of ``n`` (``generate`` expands each prompt
-    for beams and ``num_return_sequences`` before the prefill).
+    Accepts a ``[B, L]`` or ``[L]`` tensor or nested lists. With
+    ``batch_size``, a single row is broadcast to every row and any count but
+    1 or ``batch_size`` is refused (the runtime expands one path per prompt
+    for ``generate``'s beams and ``num_return_sequences`` itself).
     """
     t = torch.as_tensor(paths)
     if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
@@ -32,12 +32,12 @@ def as_paths(paths, num_blocks: int, batch_size: int | None = None) -> torch.Ten
         raise ValueError("path values must be 0 (skip), 1 (execute) or 2 (repeat); found "
                          f"values {sorted(set(t.flatten().tolist()) - {0, 1, 2})}")
     if batch_size is not None and t.shape[0] != batch_size:
-        if t.shape[0] == 0 or batch_size % t.shape[0]:
+        if t.shape[0] != 1:
             raise ValueError(
                 f"got {t.shape[0]} paths for a batch of {batch_size} rows: give one path per row, "
                 "or a single path for all rows"
             )
-        t = t.repeat_interleave(batch_size // t.shape[0], dim=0)
+        t = t.expand(batch_size, -1).clone()
     return t
 
 

@@ -132,3 +132,24 @@ def test_generation_batched_equals_one_at_a_time(task_dir, routers_dir):
                              do_sample=False, pad_token_id=tok.pad_token_id)
         ref.append(tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0])
     assert g3 == ref
+
+
+def test_drllm_lm_eval_runs_lm_evals_command_line(task_dir, routers_dir, tmp_path, capsys):
+    """``drllm lm-eval ARGS...`` is lm-eval's own command line with ``--model drllm`` found: the same results as
+    simple_evaluate on the same model, routers and task."""
+    from drllm.cli import main
+
+    model_dir, out_dir = tmp_path / "model", tmp_path / "out"
+    tiny_model("llama", seed=7, num_layers=L).save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    code = main(["lm-eval", "--model", "drllm", "--model_args", f"pretrained={model_dir},routers={routers_dir}",
+                 "--tasks", "drllm_tiny_mc", "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "2",
+                 "--output_path", str(out_dir)])
+    assert code == 0
+    assert "drllm_tiny_mc" in capsys.readouterr().out, "lm-eval printed its results table"
+    [written] = list(out_dir.rglob("results_*.json"))
+    got = json.loads(written.read_text())["results"]["drllm_tiny_mc"]
+    want = run(task_dir, routers_dir, "drllm_tiny_mc", 2)[0]["results"]["drllm_tiny_mc"]
+    assert got["acc,none"] == pytest.approx(want["acc,none"]) and got["acc_norm,none"] == pytest.approx(
+        want["acc_norm,none"])
+    assert main(["lm-eval", "--model", "drllm", "--tasks"]) == 2, "lm-eval's own usage errors come back"

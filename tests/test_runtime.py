@@ -333,13 +333,6 @@ def test_patching_twice_and_unsupported_models_are_refused():
         drllm.patch(gpt2)
 
 
-def test_beam_search_is_refused_clearly():
-    model = tiny_model("llama")
-    ids = torch.randint(1, VOCAB, (1, 5))
-    with drllm.forced_paths(model, [1, 0, 1, 2]), pytest.raises(NotImplementedError, match="beam search"):
-        model.generate(ids, max_new_tokens=3, num_beams=2, pad_token_id=0)
-
-
 @torch.no_grad()
 def test_num_return_sequences_expands_paths():
     model = tiny_model("qwen2", seed=2)

@@ -192,38 +192,50 @@ def shortgpt_skips(influence: Sequence[float], k: int) -> list[int]:
 Score = Callable[[list[str]], list[tuple]]
 
 
-def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: int = 2) -> dict[int, list[int]]:
+def greedy_skip_sets(score: Score, num_blocks: int, max_k: int, max_skip_run: int = 2,
+                     shortlist: int | None = None) -> dict[int, list[int]]:
     """Nested skip sets for K = 1..max_k: step K adds the block whose skip scores best with the K - 1 chosen.
 
     ``score(paths)`` returns one comparable value per path string (higher is
     better, e.g. ``(accuracy, mean margin)``); ties go to the lower block.
+    ``shortlist``: after the first step (every single skip scored), later
+    steps consider only the ``shortlist`` best single skips, which cuts the
+    cost of K steps from about K * L to L + K * shortlist scored paths.
     """
     _check_k(num_blocks, max_k)
     chosen: list[int] = []
     sets = {}
+    allowed = set(range(num_blocks))
     for k in range(1, max_k + 1):
-        candidates = [b for b in range(num_blocks) if b not in chosen
+        candidates = [b for b in range(num_blocks) if b not in chosen and b in allowed
                       and skip_run_ok(skip_set_path(num_blocks, chosen + [b]), max_skip_run)]
         if not candidates:
             raise BaselineError(f"static:{k}: no block can be added to the greedy skips {chosen} within "
                                 f"{max_skip_run} consecutive skips; ask for K up to {k - 1}")
         scores = score([skip_set_path(num_blocks, chosen + [b]) for b in candidates])
         best = max(range(len(candidates)), key=lambda j: (scores[j], -candidates[j]))
+        if k == 1 and shortlist is not None:
+            ranked = sorted(range(len(candidates)), key=lambda j: (scores[j], -candidates[j]), reverse=True)
+            allowed = {candidates[j] for j in ranked[:shortlist]}
         chosen = sorted(chosen + [candidates[best]])
         sets[k] = chosen
     return sets
 
 
 def accuracy_scorer(model, tokenizer, examples: Sequence[Example], *, reward: str = "loglik",
-                    style: str | None = None, normalize: str = "chars", max_new_tokens: int = 256) -> Score:
+                    style: str | None = None, normalize: str = "chars", max_new_tokens: int = 256,
+                    evaluators: dict | None = None) -> Score:
     """``score(paths)``: per path, ``(accuracy, mean gold margin)`` on ``examples``, every path of an item scored
-    in one pass (:func:`drllm.eval.scoring.score_paths`; generation: one path at a time, margin 0)."""
+    in one pass (:func:`drllm.eval.scoring.score_paths`, each item's evaluator kept in ``evaluators`` between
+    calls; generation: one path at a time, margin 0)."""
+    evaluators = {} if evaluators is None else evaluators
     if not examples:
         raise BaselineError("static skip sets need selection examples")
 
     def score(paths: list[str]) -> list[tuple]:
         if reward == "loglik":
-            rows = score_paths(model, tokenizer, examples, paths, style=style, normalize=normalize)
+            rows = score_paths(model, tokenizer, examples, paths, style=style, normalize=normalize,
+                               evaluators=evaluators)
         else:
             rows = [evaluate_path(model, tokenizer, examples, p, reward=reward, style=style,
                                   max_new_tokens=max_new_tokens) for p in paths]
@@ -273,11 +285,13 @@ def calibration_set(task: str, evaluated: Sequence[Example], *, n: int, dev_ids:
 def choose_skip_sets(model, tokenizer, method: str, ks: Sequence[int], *, calibration: Sequence[Example] = (),
                      reward: str = "loglik", style: str | None = None, normalize: str = "chars",
                      batch_size: int = 16, max_new_tokens: int = 256, seeds: int = SEEDS,
-                     max_skip_run: int = 2) -> tuple[dict[int, list[list[int]]], dict]:
+                     max_skip_run: int = 2, shortlist: int | None = None,
+                     evaluators: dict | None = None) -> tuple[dict[int, list[list[int]]], dict]:
     """Skip sets of ``method`` for each K (one per seed for ``random``, else one), and what chose them.
 
     ``calibration`` (``shortgpt``: prompts; ``static``: the selection set) is
-    encoded and scored as the evaluation does, by ``reward``/``style``/``normalize``.
+    encoded and scored as the evaluation does, by ``reward``/``style``/``normalize``;
+    ``shortlist`` and ``evaluators``: as :func:`greedy_skip_sets` and :func:`accuracy_scorer`.
     """
     L = describe(model).num_blocks
     if method == "exit":
@@ -290,7 +304,7 @@ def choose_skip_sets(model, tokenizer, method: str, ks: Sequence[int], *, calibr
         return {k: [shortgpt_skips(influence, k)] for k in ks}, {**info, "block_influence": influence}
     if method == "static":
         score = accuracy_scorer(model, tokenizer, calibration, reward=reward, style=style, normalize=normalize,
-                                max_new_tokens=max_new_tokens)
-        sets = greedy_skip_sets(score, L, max(ks), max_skip_run)
+                                max_new_tokens=max_new_tokens, evaluators=evaluators)
+        sets = greedy_skip_sets(score, L, max(ks), max_skip_run, shortlist)
         return {k: [sets[k]] for k in ks}, info
     raise BaselineError(f"unknown baseline {method!r}: choose from {', '.join(BASELINES)}")

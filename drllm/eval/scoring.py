@@ -291,7 +291,8 @@ def evaluate_path(model, tokenizer, examples: Sequence[Example], path: str, *, r
 
 
 def score_paths(model, tokenizer, examples: Sequence[Example], paths: Sequence[str], *, style: str | None = None,
-                normalize: str = "chars", max_paths: int = 16, progress: bool = False) -> list[list[dict]]:
+                normalize: str = "chars", max_paths: int = 16, progress: bool = False,
+                evaluators: dict | None = None) -> list[list[dict]]:
     """Rows (as :func:`evaluate_path`'s) of every forced path on every example: ``[path][example]``.
 
     Why: a comparison scores some 25 static paths per item. Here every path
@@ -300,12 +301,18 @@ def score_paths(model, tokenizer, examples: Sequence[Example], paths: Sequence[s
     once and records the state entering each block, and every other path
     starts at its first edited block from that state, so the blocks before it
     are never recomputed. Same scoring as :func:`evaluate_path` (acc_norm),
-    to float tolerance.
+    to float tolerance. ``evaluators`` (a dict owned by the caller) keeps each
+    item's evaluator between calls, so a path scored once on an item is never
+    run again (greedy selection scores overlapping paths step after step).
     """
     rows: list[list[dict]] = [[] for _ in paths]
     for ex in _progress(examples, progress, "forced paths"):
-        evaluator = PathEvaluator(model, tokenizer, ex, mode="loglik", style=style or "plain", normalize=normalize,
-                                  max_paths=max_paths)
+        evaluator = None if evaluators is None else evaluators.get(ex.id)
+        if evaluator is None:
+            evaluator = PathEvaluator(model, tokenizer, ex, mode="loglik", style=style or "plain",
+                                      normalize=normalize, max_paths=max_paths)
+            if evaluators is not None:
+                evaluators[ex.id] = evaluator
         for out, result in zip(rows, evaluator.evaluate(list(paths))):
             choice = ex.labels.index(result.prediction)
             out.append({"correct": int(choice == ex.gold_index), "choice": choice, "margin": result.margin, "passes": len(ex.choices), "path": result.path,

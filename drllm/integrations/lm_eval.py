@@ -12,6 +12,12 @@ lm-eval's ``HFLM``)::
         tasks=["arc_easy"], batch_size=8,
     )
 
+From the shell, ``drllm lm-eval`` runs lm-eval's own command line with
+the model registered (lm-eval has no plugin entry point, so ``lm_eval
+--model drllm`` alone cannot find it)::
+
+    drllm lm-eval --model drllm --model_args pretrained=PATH,routers=DIR --tasks arc_easy
+
 ``pretrained`` is a hub name or local path (the embedded model's name loads
 the embedded model, as ``drllm.models.load_model`` does) or a loaded model;
 ``routers`` a router checkpoint folder (or a :class:`drllm.Routers`; without

@@ -5,7 +5,7 @@ Llama, Qwen2, Qwen3 and Mistral share the transformers 5.x decoder layout
 through ``cache.update(k, v, layer_idx)``), so one adapter serves all four; a
 new family is added here once checked against the tests. The cache keyword is
 ``cache`` from transformers 5.24 and ``past_key_values`` before
-(:func:`cache_kwarg`).
+(:func:`cache_kwarg`). A PEFT wrapper is seen through (:func:`unwrap`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,20 @@ def cache_kwarg(forward) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``), else ``model`` itself.
+
+    A LoRA-wrapped model is patched where transformers' own model is: its
+    adapters live inside the blocks, and the wrapper's forward and
+    ``generate`` reach the patched ones.
+    """
+    get_base_model = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(get_base_model) else model
+
+
 def decoder(model: nn.Module) -> nn.Module:
     """The module holding the decoder blocks: ``model.model`` for a CausalLM, else ``model``."""
+    model = unwrap(model)
     for candidate in (model, getattr(model, "model", None)):
         if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
             return candidate
@@ -46,6 +58,7 @@ def decoder(model: nn.Module) -> nn.Module:
 
 def describe(model: nn.Module) -> ModelInfo:
     """Check that ``model`` is supported and return what the runtime needs to know."""
+    model = unwrap(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

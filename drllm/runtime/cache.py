@@ -4,10 +4,18 @@ Slot ``i`` holds the first pass of block ``i``, slot ``L + i`` the second
 pass of a repeated block (:meth:`RoutedCache.slot` is the one place that
 says so). Decisions are frozen at the prefill, so the rows that run a given
 (block, pass) never change during decoding; each slot stores the K/V of
-exactly those rows, in ascending row order, and a skipped block stores
-nothing. Slot layers are transformers' own layer classes (dynamic, static,
-sliding window), copied from the cache ``generate`` or the caller created,
-so their update and mask logic is reused as is.
+exactly those rows, in ascending row order (or every row, for a pass that
+runs all rows and selects), and a skipped block stores nothing. Slot layers
+are transformers' own layer classes (dynamic, static, sliding window),
+copied from the cache ``generate`` or the caller created, so their update
+and mask logic is reused as is.
+
+Beam search and the other row operations of transformers' ``Cache``
+(:meth:`RoutedCache.reorder_cache`, ``batch_select_indices``,
+``batch_repeat_interleave``) move the frozen decisions with the rows and
+map each slot's rows accordingly. A caller's own empty cache object given
+to a routed forward gets the routed cache attached (:func:`attach`), so
+passing that object back continues the same sequence.
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .plan import Rows, replan
+
+ATTACHED = "_drllm_routed_cache"  # attribute of a caller's cache object: the routed cache it stands for
 
 
 class RoutedCache(Cache):
@@ -53,6 +65,19 @@ class RoutedCache(Cache):
         """What the block sees as its cache on that pass."""
         return self.views[self.slot(block, second_pass)]
 
+    def slot_plans(self):
+        """``(slot, PassPlan)`` of every (block, pass) of the frozen plan."""
+        for block, passes in enumerate(self.plan or ()):
+            for second, plan in enumerate(passes):
+                yield self.slot(block, bool(second)), plan
+
+    def filled(self) -> list:
+        """The slot layers that hold K/V of this sequence (a pass no row runs holds none)."""
+        if self.plan is None:
+            return [layer for layer in self.layers if layer.is_initialized]
+        return [self.layers[s] for s, plan in self.slot_plans() if plan.mode != Rows.NONE
+                and self.layers[s].is_initialized]
+
     # -- what transformers asks of a cache ---------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -61,8 +86,8 @@ class RoutedCache(Cache):
         # Every used slot has seen the same tokens: answer from one that holds
         # data, of the same kind (sliding or not) as the slot asked about.
         asked = self.layers[layer_idx]
-        for layer in self.layers:
-            if layer.is_initialized and getattr(layer, "is_sliding", False) == getattr(asked, "is_sliding", False):
+        for layer in self.filled():
+            if getattr(layer, "is_sliding", False) == getattr(asked, "is_sliding", False):
                 return layer.get_mask_sizes(query_length)
         return asked.get_mask_sizes(query_length)
 
@@ -70,26 +95,91 @@ class RoutedCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers >= 5.24); a positive value is the length to
+        keep (earlier versions). Slots no row fills are left alone."""
+        remove = tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove - self.seen_tokens, 0)
+        for layer in self.filled():
+            layer.crop(remove)
+        self.seen_tokens += remove
+
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        raise NotImplementedError(
-            "beam search is not supported by the routed cache: use greedy decoding or sampling "
-            "(num_return_sequences works)"
-        )
+        """Beam search: new row ``r`` continues old row ``beam_idx[r]``, with that row's frozen path."""
+        self.remap_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor):
-        raise NotImplementedError("the routed cache keeps its rows fixed after the prefill")
+        """Keep the rows ``indices`` (with their frozen paths)."""
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = torch.nonzero(indices).flatten()
+        self.remap_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int):
-        if self.seen_tokens:
-            raise NotImplementedError("the routed cache keeps its rows fixed after the prefill")
+        """Repeat each row ``repeats`` times in place (with its frozen path)."""
+        if self.decisions is not None:
+            self.remap_rows(torch.arange(self.decisions.shape[0]).repeat_interleave(repeats))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self.seen_tokens += min(tokens_to_remove, 0)
+    def remap_rows(self, rows: torch.Tensor) -> None:
+        """New row ``r`` is old row ``rows[r]``: decisions, plans and every slot's K/V follow the rows.
+
+        A slot holds its pass's rows in ascending order (or every row): each
+        new slot row takes the old slot position of its source row.
+        """
+        if self.decisions is None:  # nothing routed or stored yet
+            return
+        rows = torch.as_tensor(rows).flatten().to("cpu", torch.int64)
+        old_batch = self.decisions.shape[0]
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= old_batch):
+            raise IndexError(f"row indices {rows.tolist()} out of range for a cache of {old_batch} rows")
+        decisions = self.decisions.index_select(0, rows)
+        plan = replan(decisions, self.plan)
+        everyone_old, everyone_new = torch.arange(old_batch), torch.arange(rows.numel())
+        for (slot, old), (_, new) in zip(list(self.slot_plans()), _slot_plans(self, plan)):
+            layer = self.layers[slot]
+            if old.mode == Rows.NONE or not layer.is_initialized:
+                continue
+            if new.mode == Rows.NONE:  # no row runs this pass any more
+                if isinstance(layer, DynamicLayer):
+                    layer.reset()
+                continue
+            held = everyone_old if old.mode in (Rows.ALL, Rows.SELECT) else old.index.cpu()
+            position = torch.full((old_batch,), -1, dtype=torch.int64)
+            position[held] = torch.arange(held.numel())
+            wanted = everyone_new if new.mode in (Rows.ALL, Rows.SELECT) else new.index.cpu()
+            mapping = position[rows[wanted]]
+            if bool((mapping < 0).any()):
+                raise AssertionError(f"slot {slot}: a row moved into a pass its source row did not run")
+            _select_rows(layer, mapping)
+        self.decisions, self.plan = decisions, plan
 
     def reset(self):
         super().reset()
         self.decisions, self.plan, self.seen_tokens = None, None, 0
+
+
+def _slot_plans(cache: RoutedCache, plan: list):
+    for block, passes in enumerate(plan):
+        for second, pass_plan in enumerate(passes):
+            yield cache.slot(block, bool(second)), pass_plan
+
+
+def _select_rows(layer, mapping: torch.Tensor) -> None:
+    """The layer's K/V rows ``mapping`` (its own reorder, which also fits caches of a fixed size)."""
+    layer.reorder_cache(mapping)
+    if hasattr(layer, "max_batch_size"):
+        layer.max_batch_size = mapping.numel()
+
+
+def routed_cache(cache) -> RoutedCache | None:
+    """``cache`` if it is a routed cache, the routed cache attached to a caller's cache object, or None."""
+    if isinstance(cache, RoutedCache):
+        return cache
+    return getattr(cache, ATTACHED, None)
+
+
+def attach(cache, routed: RoutedCache) -> None:
+    """Keep ``routed`` with the caller's own ``cache`` object: given back, that object continues the sequence."""
+    setattr(cache, ATTACHED, routed)
 
 
 class SlotView:
@@ -107,5 +197,15 @@ class SlotView:
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         return self.layer.update(key_states, value_states, *args, **kwargs)
 
+    def __deepcopy__(self, memo):
+        view = object.__new__(SlotView)
+        memo[id(self)] = view
+        view.cache = copy.deepcopy(self.cache, memo)
+        view.layer = copy.deepcopy(self.layer, memo)
+        return view
+
     def __getattr__(self, name):
+        # Only reached for names the view lacks; its own fields are never forwarded (a half-built copy has none).
+        if name in ("cache", "layer") or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self.cache, name)

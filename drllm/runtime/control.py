@@ -18,7 +18,7 @@ from ..paths import as_paths, default_path
 from ..routing import check_lam
 from .adapters import describe
 from .patch import check_routing, patch, unpatch
-from .state import applied, require_state, state_of
+from .state import applied, remembered, require_state, state_of
 
 _PATCH_LOCK = threading.Lock()  # temporary patches made by forced_paths/observe from several threads
 
@@ -39,13 +39,18 @@ def set_budget(model: nn.Module, budget: int) -> None:
 
 
 def last_paths(model: nn.Module) -> torch.Tensor:
-    """The ``[B, L]`` decisions used by this thread's last forward call (or generation) of ``model``.
+    """The ``[B, L]`` decisions used by the caller's last forward call of ``model``.
 
-    A convenience: each call's own decisions come back with its output (``out.paths``).
+    Per caller: per thread and per asyncio task (a context variable), so
+    concurrent callers never read each other's decisions. A convenience: each
+    call's own decisions come back with its output (``out.paths``, and
+    ``generate(..., return_dict_in_generate=True).paths``), which is what a
+    server should use.
     """
-    last = getattr(require_state(model).local, "last", None)
+    last = remembered(require_state(model))
     if last is None:
-        raise RuntimeError("no routed forward call has run on this model in this thread yet")
+        raise RuntimeError("no routed forward call of this model has run in this thread or task yet "
+                           "(its decisions also come back with each output: out.paths)")
     return last.clone()
 
 
@@ -80,7 +85,10 @@ def forced_paths(model: nn.Module, paths, prefix=None):
     """Run forward calls and ``generate`` on the given paths, without routers.
 
     ``paths`` is ``[B, L]`` (one row per batch row) or a single path for all
-    rows. An unpatched model is patched for the duration of the block.
+    rows; any other count is refused when the forward runs. In ``generate``,
+    one path per prompt also works: transformers repeats each prompt for its
+    beams and ``num_return_sequences``, and the paths follow. An unpatched
+    model is patched for the duration of the block.
 
     ``prefix=(states, sources)`` reuses work in cache-free forwards: ``states``
     are the hidden states entering each block on the default path (from

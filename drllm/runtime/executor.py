@@ -12,6 +12,7 @@ the same rows.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -168,34 +169,39 @@ def routed_block(layer, block: int, owner, name: str) -> Callable:
     ``name`` is the keyword the layer class takes its cache by (a hook's
     ``forward(*args, **kwargs)`` does not say). Decode steps run the block
     compiled when :func:`drllm.compile` asked for it; the routing between
-    blocks always runs eagerly.
+    blocks always runs eagerly. A ``functools.partial`` holding the layer and
+    the model's state: a deep copy of the model gets a forward of its own.
     """
-    layer_forward = layer.forward  # the instance's own (e.g. an accelerate hook) or the class's
+    # ``layer.forward``: the instance's own (e.g. an accelerate hook) or the class's
+    return functools.partial(block_forward, functools.partial(run_block, owner, layer, layer.forward, name),
+                             layer.forward, block, owner, name)
 
-    def run(hidden_states, *args, **kwargs):
-        compiled = owner.compiled
-        if compiled is not None and hidden_states.shape[1] == 1 and kwargs.get(name) is not None:
-            return compiled(layer, hidden_states, *args, **kwargs)
+
+def run_block(owner, layer, layer_forward, name: str, hidden_states, *args, **kwargs):
+    """One pass of ``layer``: compiled on decode steps when :func:`drllm.compile` asked for it."""
+    compiled = owner.compiled
+    if compiled is not None and hidden_states.shape[1] == 1 and kwargs.get(name) is not None:
+        return compiled(layer, hidden_states, *args, **kwargs)
+    return layer_forward(hidden_states, *args, **kwargs)
+
+
+def block_forward(run, layer_forward, block: int, owner, name: str, hidden_states, *args, **kwargs):
+    """The routed pass(es) of one block in the current call of ``owner`` (its ``layer_forward`` outside one)."""
+    call = current_call(owner)
+    if call is None:  # called outside a forward of the patched model
         return layer_forward(hidden_states, *args, **kwargs)
-
-    def forward(hidden_states, *args, **kwargs):
-        call = current_call(owner)
-        if call is None:  # called outside a forward of the patched model
-            return layer_forward(hidden_states, *args, **kwargs)
-        hidden_states, plans = call.enter(block, hidden_states)
-        # ``kwargs`` is this call's own dict: the slot view is written into it.
-        for second_pass, plan in enumerate(plans):
-            if plan.mode == Rows.NONE:
-                continue
-            if call.cache is not None:
-                kwargs[name] = call.cache.view(block, bool(second_pass))
-            if plan.mode == Rows.ALL:  # the common case: the whole batch, no copies
-                hidden_states = run(hidden_states, *args, **kwargs)
-            else:
-                hidden_states = _run_rows(run, hidden_states, args, kwargs, plan, call)
-        return hidden_states
-
-    return forward
+    hidden_states, plans = call.enter(block, hidden_states)
+    # ``kwargs`` is this call's own dict: the slot view is written into it.
+    for second_pass, plan in enumerate(plans):
+        if plan.mode == Rows.NONE:
+            continue
+        if call.cache is not None:
+            kwargs[name] = call.cache.view(block, bool(second_pass))
+        if plan.mode == Rows.ALL:  # the common case: the whole batch, no copies
+            hidden_states = run(hidden_states, *args, **kwargs)
+        else:
+            hidden_states = _run_rows(run, hidden_states, args, kwargs, plan, call)
+    return hidden_states
 
 
 def _run_rows(layer_forward, hidden_states, args, kwargs, plan: PassPlan, call: Call):

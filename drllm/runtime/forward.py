@@ -2,16 +2,28 @@
 
 A forward that starts a sequence makes a new :class:`Call` (forced paths, all
 execute, or routed block by block on the prompt); a forward given a routed
-cache that holds decisions continues that sequence on them. The call's
-decisions come back as ``out.paths`` on the patched model's output and on the
-top-level model's (a CausalLM wraps the base model's output in its own).
+cache that holds decisions (or a caller's cache object with one attached)
+continues that sequence on them. The call's decisions come back as
+``out.paths`` on the patched model's output and on the top-level model's (a
+CausalLM wraps the base model's output in its own).
+
+Inside ``generate`` (:func:`generating`), routing pools over the prompt only,
+never over the draft tokens that prompt lookup and assisted decoding append
+to the first forward, and the prompt's decisions are kept for forwards that
+recompute the whole sequence (``use_cache=False``).
+
+The patched forwards are ``functools.partial`` objects over module functions,
+holding the modules they call as arguments: a deep copy of a patched model
+is a patched copy whose forwards run the copy.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,13 +31,43 @@ from torch import nn
 from .. import ops
 from ..paths import as_paths
 from .adapters import cache_kwarg
-from .cache import RoutedCache
+from .cache import RoutedCache, attach, routed_cache
 from .executor import Call, running
 from .plan import EVERY_ROW, prefix_plan
-from .state import RoutingState, Settings, settings_of
+from .state import RoutingState, Settings, remember, settings_of
 
 # The decisions of the routed forwards run inside one top-level call (see :func:`with_paths`).
 _DECIDED: ContextVar[list | None] = ContextVar("drllm_decided", default=None)
+
+
+@dataclass
+class Generation:
+    """One ``generate`` call of a patched model: its prompt and the decisions frozen at its first forward."""
+
+    owner: RoutingState
+    prompt_length: int | None  # tokens of the prompt (the first forward may append drafts after them)
+    prompt_batch: int | None  # prompts, before transformers repeats them for beams / num_return_sequences
+    decisions: torch.Tensor | None = None
+
+
+# id(state) -> Generation: the generate call of that model running in this context (thread, asyncio task).
+_GENERATING: ContextVar[dict] = ContextVar("drllm_generating", default={})
+
+
+@contextmanager
+def generating(state: RoutingState, prompt_length: int | None, prompt_batch: int | None):
+    """Mark this context's forwards of the model of ``state`` as one ``generate`` call's, for the block."""
+    generation = Generation(state, prompt_length, prompt_batch)
+    token = _GENERATING.set({**_GENERATING.get(), id(state): generation})
+    try:
+        yield generation
+    finally:
+        _GENERATING.reset(token)
+
+
+def generation_of(state: RoutingState) -> Generation | None:
+    generation = _GENERATING.get().get(id(state))
+    return generation if generation is not None and generation.owner is state else None
 
 
 def attach_paths(out, decisions: torch.Tensor):
@@ -36,33 +78,40 @@ def attach_paths(out, decisions: torch.Tensor):
 
 
 def with_paths(forward):
-    """A top-level ``forward`` (or ``generate``) whose output carries the decisions of the last routed forward
-    it ran; an enclosing call gets them too."""
-
-    @functools.wraps(forward)  # transformers reads the forward's signature (e.g. generate's kwarg check)
-    def forward_with_paths(*args, **kwargs):
-        outer, decided = _DECIDED.get(), []
-        token = _DECIDED.set(decided)
-        try:
-            out = forward(*args, **kwargs)
-        finally:
-            _DECIDED.reset(token)
-        if not decided:
-            return out
-        if outer is not None:  # e.g. generate around the model's forward
-            outer.append(decided[-1])
-        return attach_paths(out, decided[-1])
-
-    return torch.compiler.disable(forward_with_paths)
+    """A top-level ``forward`` whose output carries the decisions of the last routed forward it ran; an
+    enclosing call gets them too. It keeps ``forward``'s signature (transformers reads it)."""
+    return functools.update_wrapper(functools.partial(forward_with_paths, forward), forward)
 
 
-def prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask, device) -> Call:
+@torch.compiler.disable
+def forward_with_paths(forward, *args, **kwargs):
+    outer, decided = _DECIDED.get(), []
+    token = _DECIDED.set(decided)
+    try:
+        out = forward(*args, **kwargs)
+    finally:
+        _DECIDED.reset(token)
+    if not decided:
+        return out
+    if outer is not None:  # e.g. generate around the model's forward
+        outer.append(decided[-1])
+    return attach_paths(out, decided[-1])
+
+
+def prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask, device,
+                 forced: torch.Tensor | None = None, generation: Generation | None = None) -> Call:
     """The call of a forward that starts a sequence: forced paths, all-execute, routed block by block, or routed
-    at once at the budget routers' tap (the blocks before it run every row)."""
+    at once at the budget routers' tap (the blocks before it run every row).
+
+    ``forced`` defaults to the caller's forced paths. Inside ``generate``,
+    one forced path per prompt is repeated for the rows transformers made of
+    each prompt (beams, ``num_return_sequences``).
+    """
     L = state.num_blocks
+    forced = settings.forced if forced is None else forced
     common = dict(owner=state, observer=settings.observer, devices=state.devices)
-    if settings.forced is not None:
-        decisions = as_paths(settings.forced, L, batch)
+    if forced is not None:
+        decisions = as_paths(per_row(forced, batch, generation), L, batch)
         executed, inject = decisions, {}
         if settings.prefix is not None:
             executed, inject = prefix_plan(decisions, *settings.prefix, device)
@@ -86,66 +135,121 @@ def prefill_call(state: RoutingState, settings: Settings, batch: int, pool_mask,
     )
 
 
+def per_row(forced: torch.Tensor, batch: int, generation: Generation | None) -> torch.Tensor:
+    """``forced`` with one path per prompt of a ``generate`` call repeated for that prompt's rows."""
+    forced = torch.as_tensor(forced)
+    rows = forced.shape[0] if forced.dim() == 2 else 1
+    prompts = generation.prompt_batch if generation is not None else None
+    if prompts and rows == prompts and rows not in (1, batch) and batch % rows == 0:
+        return forced.repeat_interleave(batch // rows, dim=0)
+    return forced
+
+
+@functools.lru_cache(maxsize=None)
+def forward_signature(cls: type) -> tuple[inspect.Signature, str, str | None]:
+    """The class's forward signature without ``self``, its cache keyword and its ``**kwargs`` name."""
+    signature = inspect.signature(cls.forward)
+    parameters = list(signature.parameters.values())[1:]
+    var_kw = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return signature.replace(parameters=parameters), cache_kwarg(cls.forward), var_kw
+
+
 def routed_model_forward(base: nn.Module, original, state: RoutingState):
     """The patched model forward: one routing call per forward, run eagerly even inside a compiled caller."""
-    signature = inspect.signature(type(base).forward.__get__(base))  # the class's: an instance hook may hide it
-    name = cache_kwarg(type(base).forward)
+    return functools.partial(routed_forward, base, original, state)
 
-    def forward(*args, routing_mask: torch.Tensor | None = None, **kwargs):
-        kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
-        kwargs.update(kwargs.pop("kwargs", {}))
-        if name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated spelling
-            legacy = kwargs.pop("past_key_values")
-            if kwargs.get(name) is None:
-                kwargs[name] = legacy
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        if tokens is None:
-            raise ValueError("You must specify input_ids or inputs_embeds")
-        batch, length = tokens.shape[:2]
-        if length == 0:
-            raise ValueError("empty prompt: the input has no tokens")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = base.config.use_cache
-        settings = settings_of(state)
-        cache = kwargs.get(name)
-        if isinstance(cache, RoutedCache) and cache.decisions is not None:
-            if cache.decisions.shape[0] != batch:
-                raise ValueError(f"the cache holds {cache.decisions.shape[0]} rows but the input has {batch}")
-            call = Call(owner=state, decisions=cache.decisions, plan=cache.plan, observer=settings.observer,
-                        devices=state.devices)
-        else:
-            if cache is not None and not isinstance(cache, RoutedCache):
-                if cache.get_seq_length() > 0:
-                    raise ValueError(
-                        "the cache already holds tokens from an unrouted forward; start a routed model from an empty cache"
-                    )
-                cache = RoutedCache.like(cache, base.config, state.num_blocks)
-            elif cache is None and use_cache:
-                cache = RoutedCache.like(None, base.config, state.num_blocks)
-            if settings.prefix is not None and cache is not None:
-                raise ValueError("prefix reuse is for cache-free forwards: pass use_cache=False")
-            mask = kwargs.get("attention_mask")
-            call = prefill_call(
-                state, settings, batch, lambda: pool_mask(mask, routing_mask, batch, length, tokens.device), tokens.device
-            )
-        call.cache = cache
-        if cache is not None:
-            kwargs[name] = cache
-        with running(call):
-            out = original(**kwargs)
-        if cache is not None:
-            cache.decisions, cache.plan = call.decisions, call.plan
-            cache.seen_tokens += length
-        state.local.last = call.decisions
-        decided = _DECIDED.get()
-        if decided is not None:
-            decided.append(call.decisions)
-        return attach_paths(out, call.decisions)
 
-    return torch.compiler.disable(forward)
+@torch.compiler.disable
+def routed_forward(base: nn.Module, original, state: RoutingState, *args,
+                   routing_mask: torch.Tensor | None = None, **kwargs):
+    # the class's signature: an instance hook (accelerate) may hide it
+    signature, name, var_kw = forward_signature(type(base))
+    kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+    if var_kw is not None:
+        kwargs.update(kwargs.pop(var_kw, {}))
+    if name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated spelling
+        legacy = kwargs.pop("past_key_values")
+        if kwargs.get(name) is None:
+            kwargs[name] = legacy
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("You must specify input_ids or inputs_embeds")
+    batch, length = tokens.shape[:2]
+    if length == 0:
+        raise ValueError("empty prompt: the input has no tokens")
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = base.config.use_cache
+    settings = settings_of(state)
+    generation = generation_of(state)
+    given = kwargs.get(name)
+    cache = routed_cache(given) if given is not None else None
+    if cache is not None and cache.decisions is not None:  # continue the sequence on its frozen decisions
+        if cache.decisions.shape[0] != batch:
+            raise ValueError(f"the cache holds {cache.decisions.shape[0]} rows but the input has {batch}")
+        check_attentions(kwargs, base.config, bool((cache.decisions == 1).all()))
+        call = Call(owner=state, decisions=cache.decisions, plan=cache.plan, observer=settings.observer,
+                    devices=state.devices)
+    else:
+        if given is not None and cache is None:  # the caller's own cache object: it must be empty
+            if given.get_seq_length() > 0:
+                raise ValueError(
+                    "the cache already holds tokens from an unrouted forward; start a routed model from an empty cache"
+                )
+            cache = RoutedCache.like(given, base.config, state.num_blocks)
+            attach(given, cache)  # given back next step, the caller's object continues this sequence
+        elif given is None and use_cache:
+            cache = RoutedCache.like(None, base.config, state.num_blocks)
+        if settings.prefix is not None and cache is not None:
+            raise ValueError("prefix reuse is for cache-free forwards: pass use_cache=False")
+        forced = settings.forced
+        if forced is None and generation is not None and generation.decisions is not None:
+            forced = generation.decisions  # a whole sequence again (use_cache=False): the prompt's decisions
+        check_attentions(kwargs, base.config, settings.prefix is None and (
+            bool((forced == 1).all()) if forced is not None else state.routers is None or state.budget == 0))
+        mask = kwargs.get("attention_mask")
+        prompt = generation.prompt_length if generation is not None else None
+
+        def routing_tokens():
+            pooled = pool_mask(mask, routing_mask, batch, length, tokens.device)
+            if prompt is not None and 0 < prompt < length:  # drafts after the prompt never reach the routers
+                pooled = pooled.clone()
+                pooled[:, prompt:] = 0
+                ops.require_real_tokens(pooled)
+            return pooled
+
+        call = prefill_call(state, settings, batch, routing_tokens, tokens.device, forced, generation)
+    call.cache = cache
+    if cache is not None:
+        kwargs[name] = cache
+    with running(call):
+        out = original(**kwargs)
+    if cache is not None:
+        cache.decisions, cache.plan = call.decisions, call.plan
+        cache.seen_tokens += length
+    remember(state, call.decisions)
+    if generation is not None and generation.decisions is None:
+        generation.decisions = call.decisions
+    decided = _DECIDED.get()
+    if decided is not None:
+        decided.append(call.decisions)
+    return attach_paths(out, call.decisions)
+
+
+def check_attentions(kwargs: dict, config, every_block_once: bool) -> None:
+    """Refuse ``output_attentions`` unless every row runs every block once (then it is transformers' own)."""
+    wanted = kwargs.get("output_attentions")
+    if wanted is None:
+        wanted = getattr(config, "output_attentions", False)
+    if wanted and not every_block_once:
+        raise ValueError(
+            "output_attentions=True is refused on a routed path: a row runs each block 0, 1 or 2 times, so there "
+            "is no one attention map per block in transformers' layout. Ask for attentions on the default path "
+            "(drllm.forced_paths(model, [1] * num_blocks)) or on the unpatched model; output_hidden_states works "
+            "(one entry per block: each row's hidden state after that block on its path)"
+        )
 
 
 def pool_mask(attention_mask, routing_mask, batch: int, length: int, device) -> torch.Tensor:

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..routing import BudgetRouters, Routers, check_lam
 from ..routing.decide import check_max_skip_run
-from .adapters import cache_kwarg, describe, dispatched_device
+from .adapters import cache_kwarg, describe, dispatched_device, unwrap
 from .executor import routed_block
 from .forward import routed_model_forward, with_paths
 from .generation import routed_generate, with_routing_mask
@@ -34,7 +34,9 @@ def patch(model: nn.Module, routers: Routers | BudgetRouters | None = None, lam:
     block under their own skip-run limit (K = 0 is vanilla;
     :func:`drllm.set_budget` changes it). Works on models
     dispatched with accelerate: each router runs on its block's device.
-    Forward outputs carry the call's decisions as ``out.paths``.
+    Forward outputs carry the call's decisions as ``out.paths``. A PEFT
+    (e.g. LoRA) wrapper is patched through to the model it wraps. A deep copy
+    of the patched model is patched too (its own routers and state).
     :func:`unpatch` restores the instance exactly.
     """
     info = describe(model)
@@ -57,11 +59,12 @@ def patch(model: nn.Module, routers: Routers | BudgetRouters | None = None, lam:
     for i, layer in enumerate(base.layers):
         _replace(state, layer, "forward", routed_block(layer, i, state, cache_kwarg(type(layer).forward)))
     _replace(state, base, "forward", routed_model_forward(base, base.forward, state))
-    if model is not base:
-        _replace(state, model, "forward", with_paths(model.forward))
-        if hasattr(model, "prepare_inputs_for_generation"):
-            _replace(state, model, "prepare_inputs_for_generation", with_routing_mask(model.prepare_inputs_for_generation))
-            _replace(state, model, "generate", routed_generate(model, model.generate))
+    top = unwrap(model)  # a PEFT wrapper calls the transformers model's forward and generate
+    if top is not base:
+        _replace(state, top, "forward", with_paths(top.forward))
+        if hasattr(top, "prepare_inputs_for_generation"):
+            _replace(state, top, "prepare_inputs_for_generation", with_routing_mask(top.prepare_inputs_for_generation))
+            _replace(state, top, "generate", routed_generate(top, top.generate, state))
     setattr(base, STATE_ATTR, state)
     return model
 

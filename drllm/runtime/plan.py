@@ -177,3 +177,42 @@ def prefix_plan(decisions: torch.Tensor, states: list, sources: torch.Tensor, de
         src = states[block].index_select(0, sources[rows].to(states[block].device))
         inject[block] = (None if len(rows) == batch else rows.to(device), src)
     return executed, inject
+
+
+def replan(decisions: torch.Tensor, old_plan: list) -> list:
+    """The plans of a cache's rows after they were reordered, selected or repeated (beams).
+
+    ``decisions`` are the new rows' ``[B, L]`` decisions (each a copy of an
+    old row's). Each pass keeps the kind its slot was filled with, so the
+    slot's rows can be mapped rather than recomputed: a pass that every new
+    row or no new row takes becomes :attr:`Rows.ALL` or :attr:`Rows.NONE`,
+    one that some rows take stays :attr:`Rows.SOME` (its slot holds those
+    rows) or :attr:`Rows.SELECT` (its slot holds every row).
+    """
+    batch = decisions.shape[0]
+    memo: dict = {}
+    plans = []
+    for block, passes in enumerate(old_plan):
+        column = decisions[:, block]
+        device = next((p.index.device for p in passes if p.index is not None), None)
+        key = (tuple(column.tolist()), tuple(p.mode for p in passes), str(device))
+        if key not in memo:
+            index = (None, None)
+            new = []
+            for second, old in enumerate(passes):
+                active = column >= 2 if second else column >= 1
+                n = int(active.sum())
+                if n == 0:
+                    new.append(PassPlan(Rows.NONE))
+                elif n == batch:
+                    new.append(PassPlan(Rows.ALL))
+                else:
+                    if old.mode not in (Rows.SOME, Rows.SELECT):  # a row copied from an active row is active
+                        raise AssertionError(f"block {block}: rows reordered into a pass that no old row ran")
+                    if index[0] is None:
+                        index = ops.compact_rows(column.to(device))
+                    mask = active.to(device).view(batch, 1, 1) if old.mode == Rows.SELECT else None
+                    new.append(PassPlan(old.mode, index[second], mask))
+            memo[key] = tuple(new)
+        plans.append(memo[key])
+    return plans

@@ -9,6 +9,7 @@
 - :mod:`~drllm.train.objective`: loss, class weights, logits, metrics, schedule;
 - :mod:`~drllm.train.damage`: continuous damage targets (margin drop, KL to the
   full model, correctness) of candidate skip sets per item, for budget routers;
+- :mod:`~drllm.train.budget`: budget routers fitted to damage targets (listwise ranking);
 - :mod:`~drllm.train.checkpoints`: resumable per-epoch checkpoints
   (safetensors + JSON, never pickle);
 - :mod:`~drllm.train.loop`: one training run (:func:`train_routers`).
@@ -17,6 +18,7 @@ Choosing ``min_margin`` and lambda on the dev part scores candidates, so it
 lives in evaluation (:mod:`drllm.eval.selection`); train never imports eval.
 """
 
+from .budget import BudgetConfig, damage_targets, fit_budget_routers, predict, tap_features
 from .damage import damage_candidates, measure_damage, read_damage
 from .features import FeatureCache, cached_features, extract_features, feature_key
 from .labels import CLASS_NAMES, label_path, load_path_records, split_dev, train_shared_skip, trusted_labels
@@ -25,6 +27,7 @@ from .objective import batched_router_logits, class_weights, classification_metr
 from .records import read_path_records, read_probes, record_example, record_tokens
 
 __all__ = [
+    "BudgetConfig",
     "CLASS_NAMES",
     "FeatureCache",
     "TrainConfig",
@@ -33,18 +36,22 @@ __all__ = [
     "class_weights",
     "classification_metrics",
     "damage_candidates",
+    "damage_targets",
     "extract_features",
     "feature_key",
+    "fit_budget_routers",
     "focal_loss",
     "label_path",
     "load_path_records",
     "measure_damage",
+    "predict",
     "read_damage",
     "read_path_records",
     "read_probes",
     "record_example",
     "record_tokens",
     "split_dev",
+    "tap_features",
     "train_routers",
     "train_shared_skip",
     "trusted_labels",

@@ -149,7 +149,7 @@ def fit_budget_routers(routers: BudgetRouters, train: tuple[torch.Tensor, torch.
         loss = listwise_loss(predict(routers, means, valid), damage, groups, temperatures)
         loss.backward()
         optimizer.step()
-        entry = {"epoch": epoch, "train": float(loss)}
+        entry = {"epoch": epoch, "train": loss.item()}
         if dev is not None:
             with torch.no_grad():
                 entry["dev"] = float(listwise_loss(predict(routers, dev[0], dev[1]), dev[2], groups, temperatures))
