@@ -1,13 +1,16 @@
 """``drllm demo``: search, train and evaluate routers for the embedded model on ARC-Easy.
 
-A newcomer's first run: the frozen model gets routers from paths found by
-the search on ARC-Easy train items (knobs chosen on their dev part), and is
-compared with itself and with the static baselines of :mod:`drllm.eval.baselines`
-(each at its measured blocks per pass: equal compute only where they match) on
-ARC-Easy validation and, out of domain, ARC-Challenge validation
-(:func:`drllm.eval.compare.compare`). Validation is read once, after
-every choice was made. Every stage writes its results to ``out_dir``; search
-and training resume from them.
+A newcomer's first run: the frozen model gets the paper's routers from paths
+found by the search on ARC-Easy train items (knobs chosen on their dev part),
+and budget routers from the damage of skips measured on the same items (head
+and target chosen on the same dev part, :func:`drllm.eval.budget_selection.select_budget_routers`).
+Both are compared with the model itself, with the oracle of the budget
+routers' kind and with the static baselines of :mod:`drllm.eval.baselines` at
+the same numbers of skipped blocks (static selection also on resamples of
+the dev part, to show its spread) on ARC-Easy validation and, out of domain,
+ARC-Challenge validation (:func:`drllm.eval.compare.compare`). Validation is
+read once, after every choice was made. Every stage writes its results to
+``out_dir``; search, training and damage measurement resume from them.
 The settings are importable without torch (``drllm demo --help`` shows them);
 the pipeline imports it when it runs. Library code: it imports no command;
 ``drllm demo`` prints what it returns.
@@ -20,14 +23,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .artifacts import write_json
-from .eval.report import (format_table, frontier_legend, frontier_plot, frontier_table, routers_vs_baselines,
-                          selection_lines)
+from .eval.report import (budget_selection_lines, format_table, frontier_legend, frontier_plot, frontier_table,
+                          routers_vs_baselines, selection_lines)
 from .models import DEFAULT_MODEL
 
 TASK = "arc_easy"
 #: Evaluated splits: in domain, then out of domain (routers trained on ARC-Easy only).
 DATASETS = (("arc_easy", "ARC-Easy validation"), ("arc_challenge", "ARC-Challenge validation (out of domain)"))
 BASELINES = ("shortgpt", "static", "random", "exit")
+#: Where the budget routers go, under the demo's folder (the label-free ones in its ``label-free/``).
+BUDGET_ROUTERS = "budget-routers"
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,16 @@ class DemoSettings:
     also probe every single-block skip on the searched items, so items
     without a decisive path teach the skip the train part shares
     (:func:`drllm.train.train_shared_skip`). ``ks``: blocks each baseline
-    drops; ``seeds``: random skip sets per K."""
+    drops beside the paper's routers; ``seeds``: random skip sets per K.
+    ``budgets``: blocks the budget routers skip per row (the baselines drop
+    them too); ``budget_items``: the ARC-Easy train items the budget routers
+    learn from (their damage needs no search; None: the searched items),
+    whose dev part also selects the baselines; ``vocabulary_size`` and ``vocabulary_items``: the head
+    ``sets``' skip sets per budget and the train items they are chosen on
+    (:class:`~drllm.eval.budget_selection.BudgetSettings`); ``resamples``:
+    bootstrap resamples of the dev part static selection is repeated on;
+    ``shortlist``: single skips greedy static selection keeps after its first
+    step (None: every block at every step)."""
 
     n_search: int
     simulations: int
@@ -52,13 +66,20 @@ class DemoSettings:
     probe_skips: bool = False
     ks: tuple[int, ...] = (1, 2, 4)
     seeds: int = 5
+    budgets: tuple[int, ...] = (1, 2, 4, 6, 8)
+    budget_items: int | None = None  # None: the searched items
+    vocabulary_size: int = 3
+    vocabulary_items: int = 80
+    resamples: int = 3
+    shortlist: int | None = 12
 
 
 # Default: random over 3 seeds, not eval's 5: on a 2-core CPU the forced paths of
 # the random baseline are most of the scoring time (see README for the measured
 # duration). Quick: about a minute (CI runs it).
 DEFAULT = DemoSettings(n_search=500, simulations=32, n_eval=None, seeds=3)
-QUICK = DemoSettings(n_search=8, simulations=8, n_eval=24, ks=(1,), seeds=2)
+QUICK = DemoSettings(n_search=8, simulations=8, n_eval=12, ks=(1,), seeds=2, budgets=(1, 2), vocabulary_size=2,
+                     vocabulary_items=4)
 
 
 def run_demo(
@@ -74,10 +95,12 @@ def run_demo(
     import torch
 
     from .eval.baselines import calibration_set
+    from .eval.budget_selection import BudgetSettings, select_budget_routers
     from .eval.compare import choose_baselines, compare
     from .eval.selection import LAMS, MARGINS, select_routers
     from .integrations.plotting import decision_heatmap, decision_histogram
     from .models import load_model
+    from .routing.budget import BudgetRouters
     from .routing.routers import Routers
     from .search import SearchConfig, block_gains, probe_skips, run_search
     from .tasks import load_task
@@ -94,7 +117,9 @@ def run_demo(
         seconds[stage] = round(now - clock, 2)
         clock = now
 
-    train_items = load_task(TASK, "train", data_dir=data_dir, limit=settings.n_search)
+    budget_items = settings.budget_items or settings.n_search
+    items = load_task(TASK, "train", data_dir=data_dir, limit=max(settings.n_search, budget_items))
+    train_items, budget_train = items[: settings.n_search], items[:budget_items]
     evaluated = {task: load_task(task, "validation", data_dir=data_dir, limit=settings.n_eval)
                  for task, _ in DATASETS}
     model, tokenizer = load_model(model_name, device=device)
@@ -122,19 +147,40 @@ def run_demo(
     training = selection.pop("run")
     lap("train")
 
-    # shortgpt's calibration and static's selection: the dev part recorded with the routers (train split)
+    # budget routers on the searched items (or budget_items), head and target chosen on their dev part (as drllm
+    # train --budget does)
+    budget_settings = BudgetSettings(vocabulary_size=settings.vocabulary_size,
+                                     vocabulary_items=settings.vocabulary_items, seed=settings.seed)
+    budgets = _servable(BudgetRouters.for_model(model, tap=budget_settings.tap), settings.budgets,
+                        budget_settings.allowed)
+    budget_selection = select_budget_routers(
+        model, tokenizer, budget_train, out / BUDGET_ROUTERS, progress=progress,
+        settings=BudgetSettings(**{**asdict(budget_settings), "budgets": budgets}), log=print if progress else _quiet)
+    lap("budget routers")
+
+    # shortgpt's calibration and static's selection: the dev part recorded with the budget routers (train split;
+    # the paper's routers' dev part too when both split the same items the same way)
     calibration, source = calibration_set(TASK, [e for items in evaluated.values() for e in items], n=0,
-                                          dev_ids=selection["dev_ids"], train=train_items)
+                                          dev_ids=budget_selection["dev_ids"], train=budget_train)
     routers = Routers.from_pretrained(out / "routers")
-    ks = [k for k in settings.ks if k < routers.num_blocks]  # a small model cannot drop K >= L blocks
+    budget_routers = BudgetRouters.from_pretrained(out / BUDGET_ROUTERS)
+    label_free = BudgetRouters.from_pretrained(out / BUDGET_ROUTERS / "label-free")
+    # every baseline at the paper's Ks and at the budgets (a small model cannot drop K >= L blocks)
+    ks = sorted({k for k in (*settings.ks, *budgets) if k < routers.num_blocks})
     with torch.no_grad():
-        skip_sets = choose_baselines(model, tokenizer, [(m, ks) for m in BASELINES],
-                                     calibration=calibration, seeds=settings.seeds)
+        skip_sets = choose_baselines(model, tokenizer, [(m, ks) for m in BASELINES], calibration=calibration,
+                                     seeds=settings.seeds, shortlist=settings.shortlist, resamples=settings.resamples)
         lap("baselines")
         datasets, reports = {}, {}
         for task, title in DATASETS:  # each split's table is written as soon as it is scored
-            datasets[task] = compare(model, tokenizer, evaluated[task], routers=routers, lams=[selection["lam"]],
-                                     skip_sets=skip_sets, progress=progress)
+            # the paper's routers beside vanilla only; the budget routers, their oracle and every baseline in one
+            # pass of forced paths; one table of both (the same vanilla rows: forced all-ones paths)
+            paper = compare(model, tokenizer, evaluated[task], routers=routers, lams=[selection["lam"]],
+                            skip_sets=({}, {}), progress=progress)
+            budget = compare(model, tokenizer, evaluated[task], routers=budget_routers, budgets=budgets,
+                             label_free=label_free, skip_sets=skip_sets, progress=progress)
+            datasets[task] = {**paper, "methods": _merged(paper["methods"], budget["methods"]),
+                              "budget_sweep": budget["sweep"], "baselines": budget["baselines"]}
             reports[task] = _dataset_report(out, task, title, datasets[task]["methods"])
             lap(f"eval {task}")
     routed = datasets[TASK]["sweep"][0]
@@ -152,6 +198,8 @@ def run_demo(
                                            "thin_labels", "class_counts", "class_weights", "train", "dev",
                                            "train_seconds")},
         "selection": selection,
+        "budget": {"selection": budget_selection, "budgets": list(budgets), "routers": BUDGET_ROUTERS,
+                   "label_free": f"{BUDGET_ROUTERS}/label-free"},
         "calibration": source,
         "baselines": skip_sets[1],
         "datasets": {task: {"title": title, "n": len(evaluated[task]), "methods": datasets[task]["methods"],
@@ -168,6 +216,24 @@ def run_demo(
     _write_report(out / "report.md", summary, reports)
     write_json(out / "summary.json", summary)
     return {**summary, "tables": {task: r["tables"] for task, r in reports.items()}}
+
+
+def _quiet(line: str) -> None:
+    """A log that prints nothing (``progress=False``)."""
+
+
+def _servable(routers, budgets: tuple[int, ...], allowed: int) -> tuple[int, ...]:
+    """The budgets budget routers of this model can be built for: at most ``allowed`` skips (the vocabulary's
+    blocks) and what the blocks from the tap on allow (a small model serves fewer)."""
+    return tuple(k for k in budgets if k <= min(allowed, routers.most_skips()))
+
+
+def _merged(paper: list[dict], budget: list[dict]) -> list[dict]:
+    """One comparison of both kinds of routers: vanilla, the paper's routers, then the budget routers' rows and
+    the baselines. Both were scored on the same items with the same forced all-ones path for vanilla."""
+    if paper[0]["items"] != budget[0]["items"]:
+        raise RuntimeError("vanilla differs between two scorings of the same items: the model is not deterministic")
+    return [budget[0], *paper[1:], *budget[1:]]
 
 
 def _dataset_report(out: Path, task: str, title: str, methods: list[dict]) -> dict:
@@ -192,11 +258,15 @@ def _shared_line(train: dict) -> str:
 def _write_report(path: Path, summary: dict, reports: dict) -> None:
     s, t, c = summary["search"], summary["train"], summary["selection"]
     stages = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
-    unset = {"n_eval": "all", "min_margin": "chosen on dev", "lam": "chosen on dev"}
+    unset = {"n_eval": "all", "min_margin": "chosen on dev", "lam": "chosen on dev",
+             "shortlist": "every block at every step"}
     settings = format_table(["setting", "value"], [[k, unset.get(k, v) if v is None else v]
                                                    for k, v in summary["settings"].items()])
-    evaluations = "\n".join(_evaluation_section(summary["datasets"][task], reports[task]["tables"], c["lam"])
-                            for task in reports)
+    b = summary["budget"]
+    evaluations = "\n".join(_evaluation_section(summary["datasets"][task], reports[task]["tables"], c["lam"],
+                                                b["budgets"]) for task in reports)
+    budget = b["selection"]
+    vocabulary = "; ".join(f"K={k}: {v}" for k, v in budget["vocabulary"].items())
     text = f"""# drllm demo report
 
 Model: `{summary['model']}` ({summary['num_blocks']} blocks). Trained on ARC-Easy train items; evaluated on
@@ -224,7 +294,21 @@ the gold answer wins by a margin of at least {c['min_margin']:g} (normalised log
 {selection_lines(c)}
 ```
 
-Baselines (ShortGPT calibration, static selection): {summary['calibration']}.
+## Budget routers
+
+One router reads the prompt once, at block {budget['tap']}, and picks the K blocks each row skips: every row runs
+exactly L - K blocks. Trained on the damage of skips measured on the searched items ({budget['train']} train,
+{budget['dev']} dev, seed {budget['seed']}): every single skip from block {budget['tap']} on (head `blocks`), and a
+vocabulary of skip sets per K chosen greedily on the first {budget['settings']['vocabulary_items']} train items
+among the blocks {budget['allowed']} (head `sets`: {vocabulary}). Each head is trained on the gold answer's margin
+drop and, label-free, on the KL to the full model's answer distribution; the dev part chose:
+
+```
+{budget_selection_lines(budget)}
+```
+
+Baselines (ShortGPT calibration, static selection): {summary['calibration']}; static selection repeated on
+{summary['settings']['resamples']} bootstrap resamples of it (`static-resampled`: mean and spread).
 {evaluations}
 ![decisions](heatmap.png)
 
@@ -237,13 +321,14 @@ Baselines (ShortGPT calibration, static selection): {summary['calibration']}.
     tmp.replace(path)
 
 
-def _evaluation_section(dataset: dict, tables: tuple[str, str], lam: float) -> str:
+def _evaluation_section(dataset: dict, tables: tuple[str, str], lam: float, budgets) -> str:
     return f"""
-## {dataset['title']}: {dataset['n']} items, routers at λ {lam:g}
+## {dataset['title']}: {dataset['n']} items, routers at λ {lam:g}, budget routers at K = {', '.join(map(str, budgets))}
 
 {tables[0]}
 
-Routers against each baseline, same items (McNemar; random: its median seed):
+Routers against each baseline, same items (McNemar; random: its median seed; budget routers only against the
+baselines dropping the same K blocks, at equal compute):
 
 {tables[1]}
 

@@ -335,7 +335,7 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
     methods = payload["methods"]
     assert [(m["method"], m["setting"]) for m in methods] == [
         ("vanilla", None), ("routers", -0.5), ("routers", 0.0), ("shortgpt", 1), ("shortgpt", 2), ("static", 1),
-        ("random", 1), ("exit", 1), ("exit", 2)]
+        ("static-resampled", 1), ("random", 1), ("exit", 1), ("exit", 2)]  # --resamples 3 by default
     for m in methods:
         assert {"method", "setting", "accuracy", "ci95", "blocks_per_pass", "n", "mcnemar"} <= set(m)
         assert m["n"] == 4 and m["ci95"][0] <= m["accuracy"] <= m["ci95"][1]
@@ -345,7 +345,7 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
     vanilla = methods[0]
     assert vanilla["blocks_per_pass"] == L and vanilla["mcnemar"]["p"] == 1.0
     assert methods[2]["accuracy"] == payload["results"][1]["routed"]["accuracy"]
-    rnd = methods[6]
+    rnd = methods[7]
     assert len(rnd["runs"]) == 5 and rnd["skipped"] == [bl.random_skips(L, 1, s) for s in range(5)]
     assert rnd["accuracy"] == pytest.approx(sum(r["accuracy"] for r in rnd["runs"]) / 5)
     assert rnd["spread"]["min"] <= rnd["accuracy"] <= rnd["spread"]["max"]
@@ -354,7 +354,7 @@ def test_eval_command_json_table_and_plot(saved, setup, tmp_path, capsys):
 
     items = load_task("arc_easy", "validation", data_dir=saved / "data")
     direct = evaluate_path(model, tok, items, skip_set_path(L, [L - 1]), batch_size=4)
-    assert methods[7]["correct"] == sum(r["correct"] for r in direct)
+    assert methods[8]["correct"] == sum(r["correct"] for r in direct)
     assert payload["baselines"]["shortgpt"]["calibration_ids"] == [f"q{i}" for i in range(5)]
     assert len(payload["baselines"]["shortgpt"]["block_influence"]) == L
     assert "no significant difference" in printed and "McNemar" in printed

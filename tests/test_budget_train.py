@@ -14,9 +14,10 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
 from drllm.eval.baselines import greedy_skip_sets
-from drllm.eval.budget import PathScores, budget_oracle, skip_vocabulary
+from drllm.eval.budget import PathScores, score_budget, skip_vocabulary
 from drllm.eval.budget_selection import BudgetSettings, select_budget_routers
 from drllm.eval.compare import choose_baselines
+from drllm.eval.scoring import evaluate
 from drllm.paths import path_to_str, skip_set_path
 from drllm.routing import BudgetRouters
 from drllm.search.mcts import skip_run_ok
@@ -30,11 +31,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 L = 6
 
 
+WORDS = ("sky", "river", "stone", "light", "seed", "cloud", "iron", "salt", "moon", "leaf", "heat", "sound")
+
+
 def items(n=12, seed=0):
     out = []
     for i in range(n):
         choices = ("red", "a blue sky", "green grass", f"number {i}")[: 3 + i % 2]
-        out.append(Example(id=f"q{seed}-{i}", task="arc_easy", question=f"Question {i} of {seed}: which colour {i}?",
+        words = " ".join(WORDS[(i * 7 + j * (seed + 5)) % len(WORDS)] for j in range(3 + i % 5))
+        out.append(Example(id=f"q{seed}-{i}", task="arc_easy", question=f"Which {words} is it {i}?",
                            answer="ABCD"[i % len(choices)], choices=choices, labels=tuple("ABCD"[: len(choices)]),
                            gold_index=i % len(choices)))
     return out
@@ -149,6 +154,31 @@ def test_vocabulary_is_the_static_set_then_sets_of_the_items_it_hurts(setup):
             assert hurt and sets[v] == greedy_skip_sets(without_block_0(scores.scorer(hurt)), L, k)[k]
         assert all(min(s) >= 1 and skip_run_ok(skip_set_path(L, s), 2) for s in sets)
     assert max(len(s) for s in vocab.values()) > 1, "some set covers items the static set hurts"
+
+
+def budget_oracle(model, tok, exs, routers, ks):
+    scored = score_budget(model, tok, exs, ["1" * L], {"routers": routers}, ks, oracle=routers)
+    return {k: ([r["path"] for r in rows], [r["correct"] for r in rows]) for k, rows in scored["oracle"].items()}
+
+
+def test_forced_scoring_of_the_picks_equals_routed_scoring(setup):
+    """score_budget scores each routers' pick as a forced path; the patched model scoring the same items with the
+    routers at that budget (routing on the context, as evaluation runs it) takes the same paths and answers."""
+    model, tok = setup
+    exs = items(7)
+    for head, sets in (("blocks", None), ("sets", {1: [[2], [4]], 2: [[1, 3], [2, 5], [3, 4]]})):
+        torch.manual_seed(2)
+        routers = BudgetRouters.for_model(model, tap=1, head=head, sets=sets)
+        torch.nn.init.normal_(routers.mlp.fc1.weight, std=1.0)  # sensitive to the input: rows differ
+        torch.nn.init.normal_(routers.mlp.fc2.weight, std=1.0)
+        scored = score_budget(model, tok, exs, ["1" * L], {"routers": routers}, [1, 2])
+        distinct = 0
+        for k in (1, 2):
+            routed = [e["routed_row"] for e in evaluate(model, tok, routers, exs, budget=k)["examples"]]
+            assert [r["path"] for r in scored["picks"]["routers"][k]] == [r["path"] for r in routed]
+            assert [r["correct"] for r in scored["picks"]["routers"][k]] == [r["correct"] for r in routed]
+            distinct = max(distinct, len({r["path"] for r in routed}))
+        assert distinct > 1, "rows take different paths"
 
 
 def test_the_oracle_is_the_best_choice_known_from_the_answer(setup):

@@ -96,6 +96,9 @@ def test_missing_split_names_every_place_looked(no_model_no_hub, capsys, tmp_pat
     assert code == 2 and "--data-dir" in err and str(tmp_path / "d" / "arc_easy" / "validation.jsonl") in err
 
 
+DEFAULT_BUDGETS = (1, 2, 4, 6, 8)  # the issue's budgets
+
+
 def test_demo_writes_outside_the_checkout_and_needs_no_flags(no_model_no_hub, capsys, tmp_path, monkeypatch):
     """``drllm demo`` alone: embedded data (no hub, no DRLLM_DATA_DIR) and a folder in the drllm cache."""
     import drllm.demo
@@ -107,7 +110,10 @@ def test_demo_writes_outside_the_checkout_and_needs_no_flags(no_model_no_hub, ca
         return {"n_eval": 1, "seconds": {"load": 1.0}, "calibration": "dev part",
                 "tables": {task: ("| table |", "| versus |") for task, _ in drllm.demo.DATASETS},
                 "datasets": {task: {"n": 1} for task, _ in drllm.demo.DATASETS},
-                "selection": {"dev": 2, "min_margin": 0.2, "lam": 0.0, "epoch": 3, "scored": []}}
+                "selection": {"dev": 2, "min_margin": 0.2, "lam": 0.0, "epoch": 3, "scored": []},
+                "budget": {"budgets": [1], "selection": {
+                    "dev": 2, "budgets": [1], "budget": 1, "head": "sets", "target": "margin", "rule": "best",
+                    "label_free": {"head": "blocks"}, "dev_vanilla": {"accuracy": 0.5}, "scored": []}}}
 
     monkeypatch.setattr(drllm.demo, "run_demo", run_demo)
     monkeypatch.setenv("DRLLM_CACHE", str(tmp_path / "cache"))
@@ -117,6 +123,11 @@ def test_demo_writes_outside_the_checkout_and_needs_no_flags(no_model_no_hub, ca
     assert out == tmp_path / "cache" / "demo" and quick_out == tmp_path / "cache" / "demo-quick"
     assert settings == drllm.demo.DEFAULT and quick == drllm.demo.QUICK and kwargs["data_dir"] is None
     assert f"report, routers and figures in {out}" in capsys.readouterr().out
+    # the budget routers' options reach the settings (0 shortlist: the full greedy search)
+    assert main(["demo", "--budgets", "2,1", "--resamples", "0", "--shortlist", "0", "--budget-items", "20"]) == 0
+    budget = calls[-1][1]
+    assert (budget.budgets, budget.resamples, budget.shortlist, budget.budget_items) == ((1, 2), 0, None, 20)
+    assert (DEFAULT_BUDGETS, drllm.demo.QUICK.budgets) == (settings.budgets, (1, 2))
     from drllm.tasks import load_task  # what run_demo loads first, offline
 
     assert len(load_task("arc_easy", "train", limit=settings.n_search)) == settings.n_search
@@ -217,8 +228,11 @@ def saved_routers(folder, **selection):
 
     drllm.Routers.for_model(tiny_model("llama")).save_pretrained(folder)
     record = {"min_margin": 0.2, "lam": 0.0, "epoch": 1, "dev_ids": [], "task": "arc_easy", **selection}
-    (folder / "selection.json").write_text(json.dumps(record))
+    (folder / "selection.json").write_text(json.dumps({k: v for k, v in record.items() if v is not DROP}))
     return folder
+
+
+DROP = object()  # a key left out of a planted selection record
 
 
 def test_generate_routes_at_the_lambda_drllm_train_chose(tiny_model_dir, capsys, tmp_path, one_thread):
@@ -239,14 +253,46 @@ def test_generate_routes_at_the_lambda_drllm_train_chose(tiny_model_dir, capsys,
     assert "routers at λ 1 (given on the command line)" in out
 
 
-@pytest.mark.parametrize("field, needle", [
-    ({"lam": 3}, "'lam' must be a number in [-1, 1], got 3"),
-    ({"lam": "x"}, "'lam' must be a number in [-1, 1], got 'x'"),
-    ({"dev_ids": "q1"}, "'dev_ids' must be a list of item ids"),
-    ({"task": "hellaswag"}, "'task' must be one of arc_easy"),
+def budget_routers(folder, **selection):
+    """Budget routers for a 6-block tiny model (head ``sets``, tap 1, one set per budget: K=1 skips block 3, K=2
+    blocks 1 and 2, whatever the weights), with a budget selection record beside them as ``drllm train --budget``
+    writes it (``selection``: fields changed, DROP to leave one out)."""
+    from conftest import tiny_model
+
+    routers = drllm.BudgetRouters.for_model(tiny_model("llama", num_layers=6), tap=1, head="sets",
+                                            sets={1: [[3]], 2: [[1, 2]]})
+    routers.save_pretrained(folder)
+    record = {"kind": "budget", "lam": 0.0, "budget": 2, "budgets": [1, 2], "head": "sets", "target": "margin",
+              "dev_ids": [], "task": "arc_easy", **selection}
+    (folder / "selection.json").write_text(json.dumps({k: v for k, v in record.items() if v is not DROP}))
+    return folder
+
+
+@pytest.mark.parametrize("make, field, needle", [
+    (saved_routers, {"lam": 3}, "'lam' must be a number in [-1, 1], got 3"),
+    (saved_routers, {"lam": "x"}, "'lam' must be a number in [-1, 1], got 'x'"),
+    (saved_routers, {"dev_ids": "q1"}, "'dev_ids' must be a list of item ids"),
+    (saved_routers, {"task": "hellaswag"}, "'task' must be one of arc_easy"),
+    (saved_routers, {"epoch": DROP}, "not a selection record of drllm train (it lacks epoch)"),
+    # budget routers' records ("kind": "budget", drllm train --budget)
+    (budget_routers, {"budget": -1}, "'budget' must be an integer >= 0 (blocks skipped per row), got -1"),
+    (budget_routers, {"budget": "2"}, "'budget' must be an integer >= 0 (blocks skipped per row), got '2'"),
+    (budget_routers, {"budget": True}, "'budget' must be an integer >= 0"),
+    (budget_routers, {"budget": 1.5}, "'budget' must be an integer >= 0"),
+    (budget_routers, {"budgets": []}, "'budgets' must be a non-empty list of integers >= 1, got []"),
+    (budget_routers, {"budgets": [0, 1]}, "'budgets' must be a non-empty list of integers >= 1, got [0, 1]"),
+    (budget_routers, {"budgets": "1,2"}, "'budgets' must be a non-empty list of integers >= 1"),
+    (budget_routers, {"head": "both"}, "'head' must be one of blocks, sets, got 'both'"),
+    (budget_routers, {"target": "nll"}, "'target' must be one of margin, kl, got 'nll'"),
+    (budget_routers, {"lam": 2}, "'lam' must be a number in [-1, 1], got 2"),
+    (budget_routers, {"dev_ids": "q1"}, "'dev_ids' must be a list of item ids"),
+    (budget_routers, {"task": "hellaswag"}, "'task' must be one of arc_easy"),
+    (budget_routers, {"budgets": DROP, "head": DROP}, "not a selection record of drllm train (it lacks budgets, "
+                                                      "head)"),
+    (budget_routers, {"kind": "other"}, "not a selection record of drllm train ('kind' is 'other', not 'budget')"),
 ])
-def test_a_bad_selection_is_one_line_before_the_model_loads(field, needle, no_model_no_hub, capsys, tmp_path):
-    routers = saved_routers(tmp_path / "routers", **field)
+def test_a_bad_selection_is_one_line_before_the_model_loads(make, field, needle, no_model_no_hub, capsys, tmp_path):
+    routers = make(tmp_path / "routers", **field)
     for argv in (["generate", "--routers", str(routers), "hello"], ["eval", "--routers", str(routers)]):
         code, err = run_cli(argv, capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith(f"drllm {argv[0]}: error: "), err

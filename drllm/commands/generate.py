@@ -11,8 +11,11 @@ from .common import (
     UsageError,
     add_json_arg,
     add_model_args,
+    check_selection_kind,
     lam_value,
     load_model_from_args,
+    load_routers,
+    non_negative_int,
     positive_int,
     write_json_atomic,
 )
@@ -38,6 +41,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lam", type=lam_value, default=None,
                    help="control knob in [-1, 1]: <0 skips more, >0 repeats more (default: the value `drllm train` "
                         "chose, from the routers' selection.json, else 0)")
+    p.add_argument("--budget", type=non_negative_int, default=None,
+                   help="budget routers (`drllm train --budget`): blocks each prompt skips, exactly (default: the "
+                        "budget `drllm train --budget` chose, from the routers' selection.json)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate per prompt")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
@@ -56,16 +62,36 @@ def run(args) -> int:
     if any(not p.strip() for p in args.prompts):
         raise UsageError("empty prompt: give non-empty prompt text")
     # a bad folder fails before the model loads
-    routers = drllm.Routers.from_pretrained(args.routers) if args.routers else None
-    # the knobs drllm train chose, unless given here (a chosen budget will be read the same way)
-    knobs = routing_knobs(read_selection(args.routers) if args.routers else None, lam=args.lam)
-    lam, lam_source = knobs["lam"]
+    routers = load_routers(args.routers) if args.routers else None
+    selection = read_selection(args.routers) if args.routers else None
+    by_budget = isinstance(routers, drllm.BudgetRouters)
+    check_selection_kind(args.routers, selection, by_budget)
+    # the knobs drllm train chose, unless given here
+    knobs = routing_knobs(selection, lam=args.lam, budget=args.budget)
+    (lam, lam_source), (budget, budget_source) = knobs["lam"], knobs["budget"]
+    if by_budget:
+        lam = 0.0
+        if args.lam is not None:
+            raise UsageError("--lam moves the paper's per-block routers; budget routers skip exactly --budget "
+                             "blocks per prompt")
+        if budget is None:
+            raise UsageError(f"{args.routers} holds no selection.json to read the budget from: give --budget K")
+        try:
+            budget = routers.check_budget(budget)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    elif args.budget is not None:
+        raise UsageError("--budget needs budget routers (drllm train --budget); "
+                         + (f"{args.routers} holds the paper's per-block routers: give --lam" if routers is not None
+                            else "give --routers"))
+    else:
+        budget = None
     model, tokenizer = load_model_from_args(args)
     L = model.config.num_hidden_layers
     if args.path and len(args.path) != L:
         raise UsageError(f"--path has {len(args.path)} digits but the model has {L} blocks")
     try:
-        drllm.patch(model, routers, lam=lam)
+        drllm.patch(model, routers, lam=lam, budget=budget)
     except ValueError as err:  # routers trained for another model
         raise UsageError(str(err)) from None
     records, tokens, start = [], 0, time.perf_counter()
@@ -89,9 +115,12 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     print(format_table(["prompt", "path", "blocks per pass"],
                        [[r["prompt"][:40], r["path"], f"{r['blocks']}/{L}"] for r in records]))
-    if routers is not None:
+    if by_budget:
+        print(f"\nbudget routers at budget {budget} ({budget_source}): {L - budget} of {L} blocks per pass")
+    elif routers is not None:
         print(f"\nrouters at λ {lam:g} ({lam_source})")
     print(f"\n{tokens} tokens in {seconds:.2f} s")
     if args.json:
-        write_json_atomic(args.json, {"results": records, "seconds": seconds, "num_blocks": L, "lam": lam})
+        write_json_atomic(args.json, {"results": records, "seconds": seconds, "num_blocks": L, "lam": lam,
+                                      "budget": budget})
     return 0

@@ -9,9 +9,10 @@ builds on it:
 - :func:`skip_vocabulary`: per K, the greedy static set of the train part,
   then sets chosen greedily on the items every earlier set hurts (correct on
   the default path, wrong on the set): the head ``sets`` chooses among them;
-- :func:`budget_table`: per K, the accuracy of static sets, the routers'
-  picks and the oracle (the best choice per item, known from the item's own
-  answer: the upper bound of any router choosing among the same options).
+- :func:`score_budget`: per item, the baselines' paths, the routers' picks at
+  every K and the oracle (:func:`oracle_path`: the best choice of the
+  routers' kind, known from the item's own answer: the upper bound of any
+  router choosing among the same options), all in one evaluator.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import torch
 
 from ..paths import path_to_str, skip_set_path
 from ..search import PathEvaluator
-from ..tasks import Example
+from ..tasks import Example, encode_prompt
+from ..tasks.prompts import cloze_context
+from ..train import predict, tap_features
 from .baselines import greedy_skip_sets
-from .stats import paired_test, wilson_interval
 
-__all__ = ["PathScores", "skip_vocabulary", "oracle_correct", "budget_table", "budget_oracle"]
+__all__ = ["PathScores", "skip_vocabulary", "oracle_path", "budget_picks", "score_budget"]
 
 
 class PathScores:
@@ -108,60 +110,64 @@ def skip_vocabulary(scores: PathScores, items: Sequence[int], ks: Sequence[int],
     return vocabulary
 
 
-def oracle_correct(options: Sequence[Sequence[int]]) -> list[int]:
-    """Per item, 1 when any of its options (0/1 correctness) is correct: the best choice known from the answer."""
-    return [int(any(o)) for o in options]
-
-
-def budget_table(methods: dict[str, dict[int, list[int]]], vanilla: Sequence[int], blocks_per_pass: dict[int, float],
-                 against: str = "static") -> list[dict]:
-    """One entry per (method, K): accuracy, Wilson interval, blocks per pass, McNemar against vanilla and
-    against ``against`` at the same K (equal compute: every method at K runs the same blocks per pass)."""
-    rows = [{"method": "vanilla", "budget": 0, "accuracy": sum(vanilla) / len(vanilla),
-             "ci95": list(wilson_interval(sum(vanilla), len(vanilla))), "blocks_per_pass": None}]
-    for name, by_k in methods.items():
-        for k, items in sorted(by_k.items()):
-            entry = {"method": name, "budget": k, "n": len(items), "accuracy": sum(items) / len(items),
-                     "ci95": list(wilson_interval(sum(items), len(items))), "blocks_per_pass": blocks_per_pass[k],
-                     "mcnemar_vs_vanilla": paired_test(vanilla, items), "items": "".join(map(str, items))}
-            if name != against and k in methods.get(against, {}):
-                entry[f"mcnemar_vs_{against}"] = paired_test(methods[against][k], items)
-            rows.append(entry)
-    return rows
-
+def oracle_path(evaluator: PathEvaluator, routers, k: int) -> str:
+    """The item's oracle path at budget ``k`` for routers of this kind, known from its answer: the first
+    vocabulary set of size K that answers correctly, else the first set (head ``sets``); the K blocks whose
+    single skips cost its gold margin least, under the routers' run limit (head ``blocks``)."""
+    L, ex = routers.num_blocks, evaluator.example
+    if routers.head == "sets":
+        options = [skip_set_path(L, s) for s in routers.sets[k]]
+        right = [r.path for r in evaluator.evaluate(options) if ex.labels.index(r.prediction) == ex.gold_index]
+        return right[0] if right else options[0]
+    singles = evaluator.evaluate([skip_set_path(L, [b]) for b in range(routers.tap, L)])
+    damage = torch.zeros(1, L)
+    damage[0, routers.tap:] = torch.tensor([evaluator.default.margin - r.margin for r in singles])
+    return path_to_str(routers.pick(damage, k)[0])
 
 
 @torch.no_grad()
-def budget_oracle(model, tokenizer, examples: Sequence[Example], routers, budgets: Sequence[int], *,
-                  progress: bool = False) -> dict[int, tuple[list[str], list[int]]]:
-    """Per budget K, each item's oracle path and its correctness: the best choice of the routers' kind known from
-    the item's own answer, the upper bound of any router of that kind.
+def budget_picks(model, tokenizer, examples: Sequence[Example], routers, budgets: Sequence[int]) -> dict[int, list[str]]:
+    """Each item's path at each budget as the patched model decides it on the item's cloze context: the routers'
+    pick from the state entering their tap on the default path (what the runtime pools: tests/test_budget_train.py)."""
+    tokens = [encode_prompt(tokenizer, cloze_context(e, tokenizer, style="plain"), cloze=True) for e in examples]
+    means, valid = tap_features(model, tokens, [routers.tap])[routers.tap]
+    predicted = predict(routers, means, valid)
+    return {k: [path_to_str(p) for p in routers.pick(predicted, k)] for k in budgets}
 
-    Head ``sets``: the first vocabulary set of size K that answers the item
-    correctly (else the first set). Head ``blocks``: the K blocks whose single
-    skips cost the item's gold margin least, under the routers' run limit
-    (:meth:`~drllm.routing.BudgetRouters.pick` on the measured damages); this
-    costs every single skip from the tap on, per item.
-    """
-    L = routers.num_blocks
-    out: dict[int, tuple[list[str], list[int]]] = {k: ([], []) for k in budgets}
-    items = examples
+
+@torch.no_grad()
+def score_budget(model, tokenizer, examples: Sequence[Example], common: Sequence[str], routers: dict,
+                 budgets: Sequence[int], *, oracle=None, progress: bool = False) -> dict:
+    """Rows (as :func:`~drllm.eval.scoring.score_paths`') of every forced path an item needs, one evaluator per
+    item, so each path runs once on it: the ``common`` paths, each routers' pick at each budget
+    (``routers``: name -> :class:`~drllm.routing.BudgetRouters`) and, given ``oracle`` (budget routers), the
+    oracle of that kind. Returns ``{"common": {path: rows}, "picks": {name: {K: rows}}, "oracle": {K: rows}}``."""
+    picks = {name: budget_picks(model, tokenizer, examples, r, budgets) for name, r in routers.items()}
+    out = {"common": {p: [] for p in common}, "picks": {n: {k: [] for k in budgets} for n in routers},
+           "oracle": {k: [] for k in budgets} if oracle is not None else {}}
+    items = enumerate(examples)
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(examples, desc="oracle", unit="ex", dynamic_ncols=True)
-    for ex in items:
-        ev = PathEvaluator(model, tokenizer, ex)
-        if routers.head == "sets":
-            options = {k: [skip_set_path(L, s) for s in routers.sets[k]] for k in budgets}
-        else:
-            singles = ev.evaluate([skip_set_path(L, [b]) for b in range(routers.tap, L)])
-            damage = torch.zeros(1, L)
-            damage[0, routers.tap:] = torch.tensor([ev.default.margin - r.margin for r in singles])
-            options = {k: [path_to_str(routers.pick(damage, k)[0])] for k in budgets}
-        for k in budgets:
-            results = ev.evaluate(options[k])
-            right = [r.path for r in results if ex.labels.index(r.prediction) == ex.gold_index]
-            out[k][0].append(right[0] if right else options[k][0])
-            out[k][1].append(int(bool(right)))
+        items = tqdm(list(items), desc="budget paths", unit="ex", dynamic_ncols=True)
+    for i, ex in items:
+        ev = PathEvaluator(model, tokenizer, ex, max_paths=32)
+        mine = [picks[n][k][i] for n in routers for k in budgets]
+        ev.evaluate(list(dict.fromkeys([*common, *mine])))  # batched: every path of the item in few calls
+        for p in common:
+            out["common"][p].append(_row(ev, p))
+        for n in routers:
+            for k in budgets:
+                out["picks"][n][k].append(_row(ev, picks[n][k][i]))
+        for k in out["oracle"]:
+            out["oracle"][k].append(_row(ev, oracle_path(ev, oracle, k)))
     return out
+
+
+def _row(evaluator: PathEvaluator, path: str) -> dict:
+    """One item's row for ``path`` (memoised by the evaluator)."""
+    ex = evaluator.example
+    result = evaluator.evaluate([path])[0]
+    choice = ex.labels.index(result.prediction)
+    return {"correct": int(choice == ex.gold_index), "choice": choice, "margin": result.margin,
+            "passes": len(ex.choices), "path": result.path, "layers": result.length * len(ex.choices)}

@@ -38,7 +38,7 @@ from ..tasks import Example, encode_prompt
 from ..tasks.prompts import cloze_context
 from ..train import (BudgetConfig, damage_targets, fit_budget_routers, measure_damage, predict, split_dev,
                      tap_features)
-from .budget import PathScores, skip_vocabulary
+from .budget import PathScores, oracle_path, skip_vocabulary
 from .stats import wilson_interval
 
 __all__ = ["BudgetSettings", "select_budget_routers", "HEADS", "TARGETS"]
@@ -127,7 +127,7 @@ def _select(model, tokenizer, examples, out: Path, s: BudgetSettings, progress: 
                       "budgets": per_k})
         log(f"dev: head {head}, target {target}: mean accuracy {mean_acc:.3f} over budgets "
             + ", ".join(f"K={k} {v['accuracy']:.3f}" for k, v in per_k.items()))
-    oracle = _dev_oracle(scores, dev_damage, measured, candidates, s)
+    oracle = _dev_oracle(scores, candidates, s)
     order = {("sets", "margin"): 0, ("sets", "kl"): 1, ("blocks", "margin"): 2, ("blocks", "kl"): 3}
     best = min(table, key=lambda e: (-e["mean_accuracy"], order[(e["head"], e["target"])]))
     label_free = min((e for e in table if e["target"] == "kl"), key=lambda e: -e["mean_accuracy"])
@@ -163,22 +163,13 @@ def _select(model, tokenizer, examples, out: Path, s: BudgetSettings, progress: 
     return selection
 
 
-def _dev_oracle(scores: PathScores, records: list[dict], measured: list[list[int]], candidates: dict,
-                s: BudgetSettings) -> dict[str, dict[str, float]]:
-    """Dev accuracy of the best choice per item, known from its answer, for each head: any vocabulary set of
-    size K that answers correctly (``sets``), or the K least damaging single skips (``blocks``, under the run
-    limit): the most a router of that kind could reach here."""
-    where = {tuple(c): j for j, c in enumerate(measured)}
-    blocks = candidates[("blocks", "margin")][0]
-    sets_head = candidates[("sets", "margin")][0]
-    damage = damage_targets(records, measured, blocks, "margin")
-    out = {"sets": {}, "blocks": {}}
-    for k in s.budgets:
-        right = [any(r["correct"][where[tuple(x)]] for x in sets_head.sets[k]) for r in records]
-        out["sets"][str(k)] = sum(right) / len(records)
-        picks = [[path_to_str(p)] for p in blocks.pick(damage, k)]
-        out["blocks"][str(k)] = sum(c[0] for c in scores.correct(picks)) / len(records)
-    return out
+def _dev_oracle(scores: PathScores, candidates: dict, s: BudgetSettings) -> dict[str, dict[str, float]]:
+    """Dev accuracy of each head's oracle (:func:`~drllm.eval.budget.oracle_path`): the most a router of that
+    kind could reach on these items."""
+    n = len(scores.examples)
+    return {head: {str(k): sum(c[0] for c in scores.correct(
+        [[oracle_path(scores.evaluator(i), candidates[(head, "margin")][0], k)] for i in range(n)])) / n
+        for k in s.budgets} for head in HEADS}
 
 
 def _vocabulary(model, tokenizer, items: list[Example], allowed: list[int], s: BudgetSettings, path: Path,

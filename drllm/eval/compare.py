@@ -11,6 +11,7 @@ data sets can be scored with them.
 
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 from ..paths import skip_set_path
@@ -18,7 +19,7 @@ from ..routing import BudgetRouters, Routers
 from ..runtime.adapters import describe
 from ..tasks import Example
 from . import baselines as bl
-from .budget import budget_oracle
+from .budget import score_budget
 from .scoring import budget_sweep, evaluate_path, lam_sweep, score_paths, summarize_rows, vanilla_baseline
 from .stats import median_test, paired_test, seeded_accuracy
 
@@ -80,14 +81,31 @@ def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
 def choose_baselines(model, tokenizer, baselines: Sequence[tuple[str, Sequence[int]]], *,
                      calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
                      batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
-                     normalize: str = "chars") -> tuple[dict, dict]:
+                     normalize: str = "chars", shortlist: int | None = None, resamples: int = 0,
+                     resample_seed: int = 0) -> tuple[dict, dict]:
     """Each baseline's skip sets per K (:func:`drllm.eval.baselines.choose_skip_sets`) and what chose them, by
-    method; chosen once, they can be scored on several data sets (:func:`compare`'s ``skip_sets``)."""
-    sets, info = {}, {}
+    method; chosen once, they can be scored on several data sets (:func:`compare`'s ``skip_sets``).
+
+    ``resamples``: static selection is fragile (the set greedy selection
+    finds depends on the items it sees), so ``static`` is also chosen on that
+    many bootstrap resamples of the calibration items (same size, seeded),
+    reported as ``static-resampled``: the mean and spread of those sets.
+    Every static selection shares one evaluator per item, so no path runs
+    twice on an item. ``shortlist``: as :func:`drllm.eval.baselines.greedy_skip_sets`.
+    """
+    sets, info, evaluators = {}, {}, {}
+    common = dict(seeds=seeds, reward=reward, style=style, normalize=normalize, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, shortlist=shortlist, evaluators=evaluators)
     for method, ks in baselines:
-        sets[method], info[method] = bl.choose_skip_sets(
-            model, tokenizer, method, ks, calibration=calibration, seeds=seeds, reward=reward, style=style,
-            normalize=normalize, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        sets[method], info[method] = bl.choose_skip_sets(model, tokenizer, method, ks, calibration=calibration,
+                                                         **common)
+        if method == "static" and resamples:
+            rng = random.Random(resample_seed)
+            draws = [rng.choices(list(calibration), k=len(calibration)) for _ in range(resamples)]
+            chosen = [bl.choose_skip_sets(model, tokenizer, method, ks, calibration=d, **common)[0] for d in draws]
+            sets["static-resampled"] = {k: [c[k][0] for c in chosen] for k in ks}
+            info["static-resampled"] = {"resamples": resamples, "seed": resample_seed,
+                                        "calibration_ids": [[e.id for e in d] for d in draws]}
     return sets, info
 
 
@@ -95,9 +113,10 @@ def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers |
             lams: Sequence[float] = (0.0,), budgets: Sequence[int] = (), baselines: Sequence[tuple[str, Sequence[int]]] = (),
             calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
             batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
-            normalize: str = "chars", skip_sets: tuple[dict, dict] | None = None, progress: bool = False) -> dict:
+            normalize: str = "chars", skip_sets: tuple[dict, dict] | None = None, shortlist: int | None = None,
+            resamples: int = 0, label_free: BudgetRouters | None = None, progress: bool = False) -> dict:
     """Vanilla, the routers at each of ``lams`` (budget routers: at each of ``budgets``, with the oracle of their
-    kind, :func:`~drllm.eval.budget.budget_oracle`) and every baseline ``(method, Ks)`` on the same ``examples``.
+    kind, :func:`~drllm.eval.budget.oracle_path`) and every baseline ``(method, Ks)`` on the same ``examples``.
 
     ``calibration`` (ShortGPT prompts, the static selection set) must share
     no item with ``examples``; ``skip_sets``, a :func:`choose_baselines`
@@ -107,40 +126,60 @@ def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers |
     ``methods`` one entry per method and setting (K, or lambda for routers),
     each with ``items``, its per-example correctness as a 0/1 string;
     ``sweep`` the :func:`~drllm.eval.scoring.lam_sweep` results; ``baselines`` what chose each
-    method's skip sets (calibration ids, block influence).
+    method's skip sets (calibration ids, block influence). ``label_free``: budget routers trained without gold
+    labels, scored at the same ``budgets`` as rows of method ``routers label-free`` (their sweep: ``label_free``).
     """
     bl.check_disjoint(calibration, examples)
     settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, style=style, normalize=normalize)
     if skip_sets is None:
         skip_sets = choose_baselines(model, tokenizer, baselines, calibration=calibration, seeds=seeds,
-                                     reward=reward, **settings)
+                                     reward=reward, shortlist=shortlist, resamples=resamples, **settings)
     sets, chosen = skip_sets
     L = describe(model).num_blocks
     forced = ["1" * L] + [skip_set_path(L, s) for by_k in sets.values() for ss in by_k.values() for s in ss]
-    rows = _path_rows(model, tokenizer, examples, forced, reward=reward, progress=progress, **settings)
+    sweep, free, budgeted = [], [], {}
+    if isinstance(routers, BudgetRouters) and reward == "loglik":
+        # the routers' paths are decided on each item's context as the runtime decides them, then scored with
+        # the baselines' in one evaluator per item (a routed run per budget would cost some 8 forced paths)
+        named = {"routers": routers, **({"routers label-free": label_free} if label_free is not None else {})}
+        scored = score_budget(model, tokenizer, examples, list(dict.fromkeys(forced)), named, budgets,
+                              oracle=routers, progress=progress)
+        rows = scored["common"]
+        sweep = _budget_sweep(scored["picks"]["routers"], L)
+        free = _budget_sweep(scored["picks"]["routers label-free"], L) if label_free is not None else []
+        budgeted = {**scored["picks"], "oracle": scored["oracle"]}
+    else:
+        rows = _path_rows(model, tokenizer, examples, forced, reward=reward, progress=progress, **settings)
+        if isinstance(routers, BudgetRouters):
+            sweep = budget_sweep(model, tokenizer, routers, examples, budgets, reward=reward,
+                                 baseline=vanilla_baseline(examples, rows["1" * L], reward), **settings)
+        elif routers is not None:
+            sweep = lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
+                              baseline=vanilla_baseline(examples, rows["1" * L], reward), **settings)
+        if label_free is not None:
+            free = budget_sweep(model, tokenizer, label_free, examples, budgets, reward=reward,
+                                baseline=vanilla_baseline(examples, rows["1" * L], reward), **settings)
+        for method, results in (("routers", sweep), ("routers label-free", free)):
+            for r in results:
+                budgeted.setdefault(method, {})[r["budget"] if r["budget"] is not None else r["lam"]] = \
+                    [e["routed_row"] for e in r["examples"]]
     vanilla = rows["1" * L]
-    sweep, oracle = [], {}
-    if isinstance(routers, BudgetRouters):
-        sweep = budget_sweep(model, tokenizer, routers, examples, budgets, reward=reward,
-                             baseline=vanilla_baseline(examples, vanilla, reward), **settings)
-        if reward == "loglik":
-            oracle = budget_oracle(model, tokenizer, examples, routers, budgets, progress=progress)
-    elif routers is not None:
-        sweep = lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
-                          baseline=vanilla_baseline(examples, vanilla, reward), **settings)
     methods = [_entry("vanilla", None, vanilla, vanilla)]
-    for r in sweep:
-        rows_r = [e["routed_row"] for e in r["examples"]]
-        if r["budget"] is None:
-            methods.append(_entry("routers", r["lam"], rows_r, vanilla))
-        else:
-            methods.append(_entry("routers", f"budget {r['budget']}", rows_r, vanilla, budget=r["budget"]))
-    for k, (paths, correct) in oracle.items():
-        rows_o = [{**v, "correct": c, "path": p, "layers": (L - k) * v["passes"]}
-                  for v, p, c in zip(vanilla, paths, correct)]
-        methods.append(_entry("oracle", k, rows_o, vanilla, budget=k))
+    for method, by_k in budgeted.items():
+        for k, rows_k in by_k.items():
+            if isinstance(routers, BudgetRouters):
+                setting = k if method == "oracle" else f"budget {k}"
+                methods.append(_entry(method, setting, rows_k, vanilla, budget=k))
+            else:
+                methods.append(_entry(method, k, rows_k, vanilla))
     for method, by_k in sets.items():
         for k, skip_lists in by_k.items():
             runs = [_entry(method, k, rows[skip_set_path(L, s)], vanilla, skipped=s) for s in skip_lists]
             methods.append(_seeded_entry(method, k, runs) if len(runs) > 1 else runs[0])
-    return {"methods": methods, "sweep": sweep, "baselines": chosen}
+    return {"methods": methods, "sweep": sweep, "label_free": free, "baselines": chosen}
+
+
+def _budget_sweep(picks: dict[int, list[dict]], num_blocks: int) -> list[dict]:
+    """What a budget sweep reports per budget (decisions and their summary), from the rows of forced picks."""
+    return [{"budget": k, "lam": 0.0, "n": len(rows), "decisions": [r["path"] for r in rows],
+             "routed": summarize_rows(rows, num_blocks)} for k, rows in picks.items()]

@@ -52,7 +52,7 @@ def frontier_table(methods: Sequence[dict]) -> tuple[list[str], list[list[str]]]
         test = "-" if m is vanilla else f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})"
         skipped = m.get("skipped", "-")
         if "runs" in m:
-            skipped = f"{len(m['runs'])} seeds"
+            skipped = f"{len(m['runs'])} {'resamples' if m['method'] == 'static-resampled' else 'seeds'}"
         rows.append([m["method"], setting_text(m), acc, f"{m['blocks_per_pass']:.2f}",
                      f"{m['accuracy'] - vanilla['accuracy']:+.3f}", test, verdict(m), str(skipped)])
     headers = ["method", "K / λ", "accuracy [95% CI]", "blocks/pass", "Δ accuracy",
@@ -74,8 +74,8 @@ def row_name(entry: dict) -> str:
         return "vanilla"
     if entry["method"] == "routers" and isinstance(entry["setting"], (int, float)):
         return f"routers λ {entry['setting']:g}"
-    if entry["method"] == "routers":
-        return f"routers {entry['setting']}"
+    if entry["method"].startswith("routers"):  # routers (budget K), routers label-free (budget K)
+        return f"{entry['method']} {entry['setting']}"
     return f"{entry['method']}:{entry['setting']}"
 
 
@@ -94,7 +94,8 @@ def frontier_legend(methods: Sequence[dict]) -> str:
              "items (\"no significant difference\" when p >= 0.05)."]
     for m in methods:
         if "runs" in m:
-            lines.append(f"{row_name(m)}: mean over {len(m['runs'])} seeds (± their standard deviation); its interval "
+            what = "resamples of the selection items" if m["method"] == "static-resampled" else "seeds"
+            lines.append(f"{row_name(m)}: mean over {len(m['runs'])} {what} (± their standard deviation); its interval "
                          f"is a {m.get('ci95_method', 'Wilson interval')}; its test is the median seed's.")
     groups: dict[float, list[dict]] = {}
     for m in methods:
@@ -115,8 +116,8 @@ def routers_vs_baselines(methods: Sequence[dict], alpha: float = 0.05) -> tuple[
     """Headers and rows: each router setting against each baseline setting, McNemar's exact test on the same
     items (random: against each seed's skip set, the seed with the median p, as against vanilla), and whether
     the two ran at equal compute (:func:`compute_note`)."""
-    routers = [m for m in methods if m["method"] == "routers"]
-    others = [m for m in methods if m["method"] not in ("vanilla", "routers")]
+    routers = [m for m in methods if m["method"].startswith("routers")]  # label-free budget routers too
+    others = [m for m in methods if m["method"] != "vanilla" and not m["method"].startswith("routers")]
     rows = []
     for r in routers:
         # budget routers at K meet the baselines dropping the same K blocks (equal compute); lambda routers all
@@ -127,7 +128,8 @@ def routers_vs_baselines(methods: Sequence[dict], alpha: float = 0.05) -> tuple[
                 word = "within noise"
             else:
                 word = "routers above" if t["only_method"] > t["only_vanilla"] else "routers below"
-            rows.append([setting_text(r), f"{r['blocks_per_pass']:.2f}", f"{m['method']}:{m['setting']}",
+            who = setting_text(r) if r["method"] == "routers" else f"{r['method'][len('routers '):]} {setting_text(r)}"
+            rows.append([who, f"{r['blocks_per_pass']:.2f}", f"{m['method']}:{m['setting']}",
                          f"{m['blocks_per_pass']:.2f}", f"{r['accuracy'] - m['accuracy']:+.3f}",
                          f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})", word,
                          compute_note(r["blocks_per_pass"], m["blocks_per_pass"])])
@@ -153,12 +155,32 @@ def selection_lines(selection: dict) -> str:
         ["dev candidate", "λ", "epoch", "dev accuracy [95% CI]", "blocks/pass"], rows)
 
 
+def budget_selection_lines(selection: dict) -> str:
+    """The budget routers' dev table (:func:`drllm.eval.budget_selection.select_budget_routers`): each candidate
+    head and target at every budget, with the oracle of each head and vanilla, and what was chosen."""
+    budgets = [str(k) for k in selection["budgets"]]
+    v = selection["dev_vanilla"]
+    rows = [["vanilla", "-", f"{v['accuracy']:.3f}"] + ["-"] * len(budgets)]
+    for e in selection["scored"]:
+        rows.append([f"routers {e['head']}/{e['target']}", f"{e['mean_accuracy']:.3f}", "-"]
+                    + [f"{e['budgets'][k]['accuracy']:.3f}" for k in budgets])
+    for head, by_k in selection.get("dev_oracle", {}).items():
+        rows.append([f"oracle {head}", f"{sum(by_k[k] for k in budgets) / len(budgets):.3f}", "-"]
+                    + [f"{by_k[k]:.3f}" for k in budgets])
+    head = (f"chosen on {selection['dev']} dev items: head {selection['head']}, target {selection['target']} "
+            f"({selection['rule']}); default budget {selection['budget']} (the largest within vanilla's 95% "
+            f"interval on dev); label-free: head {selection['label_free']['head']}, target kl")
+    return head + "\n" + format_table(["dev", "mean over budgets", "accuracy"] + [f"K={k}" for k in budgets], rows)
+
+
 # colour, marker, x offset: the baselines of one K share a block count, so each is drawn slightly aside
 METHOD_STYLES = {
     "routers": ("#7570b3", "o", 0.0),
     "routers budget": ("#1f78b4", "o", 0.0),  # budget routers: one point per K, drawn as a curve
+    "routers label-free": ("#a6cee3", "o", 0.015),  # budget routers trained without gold labels
     "shortgpt": ("#d95f02", "s", -0.09),
     "static": ("#1b9e77", "D", -0.03),
+    "static-resampled": ("#66c2a5", "d", -0.06),
     "random": ("#777777", "v", 0.03),
     "exit": ("#e7298a", "^", 0.09),
     "oracle": ("#e6ab02", "P", 0.06),
@@ -181,9 +203,7 @@ def frontier_plot(methods: Sequence[dict], path: str | os.PathLike, title: str =
     ax.axhline(vanilla["accuracy"], color="k", ls="--", lw=1)
     _series(ax, [vanilla], "k", "*", 0.0, "vanilla (CI shaded)", markersize=18)
     for method, (color, marker, dx) in METHOD_STYLES.items():
-        points = sorted((m for m in methods if m["method"] == method and m.get("budget") is None
-                         or method == "routers budget" and m["method"] == "routers" and m.get("budget") is not None),
-                        key=lambda m: m["blocks_per_pass"])
+        points = sorted((m for m in methods if _series_name(m) == method), key=lambda m: m["blocks_per_pass"])
         if points:
             _series(ax, points, color, marker, dx, method, markersize=9)
     for m in methods:  # a baseline's K reads off the x axis (L - K blocks); the routers' lambda does not
@@ -201,6 +221,14 @@ def frontier_plot(methods: Sequence[dict], path: str | os.PathLike, title: str =
         return save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def _series_name(entry: dict) -> str:
+    """The plotted series of a row: its method, except budget routers (``routers budget``), apart from the
+    paper's routers at their lambdas."""
+    if entry["method"] == "routers" and entry.get("budget") is not None:
+        return "routers budget"
+    return entry["method"]
 
 
 def _series(ax, points: Sequence[dict], color: str, marker: str, dx: float, label: str, markersize: float) -> None:

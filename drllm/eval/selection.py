@@ -32,8 +32,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..artifacts import ArtifactError, exclusive_lock, read_json, write_json
+from ..routing.budget import HEADS
 from ..routing.routers import Routers
 from ..tasks import TASKS, Example
+from ..train.budget import TARGETS
 from ..train.loop import TrainConfig, train_routers
 from ..train.records import read_path_records, record_example
 from .scoring import evaluate
@@ -48,9 +50,13 @@ SELECTION_NAME = "selection.json"
 CANDIDATES = "candidates"
 RULE = "highest dev accuracy, then fewest blocks per pass, then the value scored first (grid order, lambda 0 first)"
 #: The knobs routing reads back from ``selection.json`` (``drllm eval``, ``drllm generate``), each with its value when
-#: the routers hold no selection. A knob given on the command line wins; a budget chosen by ``drllm train`` is read
-#: here the same way once it is recorded.
-ROUTING_KNOBS = {"lam": 0.0}
+#: the routers hold no selection: lambda for the paper's routers, the budget (blocks skipped per row) for budget
+#: routers (None: none chosen). A knob given on the command line wins.
+ROUTING_KNOBS = {"lam": 0.0, "budget": None}
+#: What each kind of selection record must hold: the paper's routers (:func:`select_routers`, no ``kind``) and budget
+#: routers (:func:`drllm.eval.budget_selection.select_budget_routers`, ``"kind": "budget"``).
+REQUIRED = {"paper": {"min_margin", "lam", "epoch", "dev_ids"},
+            "budget": {"kind", "budget", "budgets", "head", "target", "dev_ids"}}
 
 
 def select_routers(
@@ -161,17 +167,27 @@ def _best(entries: list[dict]) -> dict:
 
 def read_selection(routers_dir: str | os.PathLike) -> dict | None:
     """The ``selection.json`` beside routers (None when they were not chosen this way), its fields checked
-    before use: the routing knobs, the dev ids and the task."""
+    before use: the routing knobs (lambda; for budget routers, ``"kind": "budget"``, the budget, the budgets,
+    the head and the target), the dev ids and the task."""
     path = Path(routers_dir) / SELECTION_NAME
     if not path.is_file():
         return None
     fix = "delete it, or train the routers again"
     selection = read_json(path, fix)
-    if not isinstance(selection, dict) or not {"min_margin", "lam", "epoch", "dev_ids"} <= set(selection):
-        raise ArtifactError(f"{path}: not a selection record of drllm train")
-    lam = selection["lam"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or not -1 <= lam <= 1:
-        raise ArtifactError(f"{path}: 'lam' must be a number in [-1, 1], got {lam!r}: {fix}")
+    if not isinstance(selection, dict):
+        raise ArtifactError(f"{path}: not a selection record of drllm train (not a JSON object): {fix}")
+    kind = selection.get("kind", "paper")
+    if kind not in REQUIRED:
+        raise ArtifactError(f"{path}: not a selection record of drllm train ('kind' is {kind!r}, not 'budget'): {fix}")
+    if not REQUIRED[kind] <= set(selection):
+        raise ArtifactError(f"{path}: not a selection record of drllm train (it lacks "
+                            f"{', '.join(sorted(REQUIRED[kind] - set(selection)))}): {fix}")
+    if kind == "budget":
+        _check_budget_selection(selection, path, fix)
+    if kind == "paper" or "lam" in selection:
+        lam = selection["lam"]
+        if _not_number(lam) or not math.isfinite(lam) or not -1 <= lam <= 1:
+            raise ArtifactError(f"{path}: 'lam' must be a number in [-1, 1], got {lam!r}: {fix}")
     ids = selection["dev_ids"]
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ArtifactError(f"{path}: 'dev_ids' must be a list of item ids: {fix}")
@@ -180,10 +196,28 @@ def read_selection(routers_dir: str | os.PathLike) -> dict | None:
     return selection
 
 
+def _not_number(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, float))
+
+
+def _check_budget_selection(selection: dict, path: Path, fix: str) -> None:
+    """The knobs of a budget routers' record: the default budget (an int >= 0), the budgets compared on dev (ints
+    >= 1), the head and the target."""
+    budget, budgets = selection["budget"], selection["budgets"]
+    if type(budget) is not int or budget < 0:
+        raise ArtifactError(f"{path}: 'budget' must be an integer >= 0 (blocks skipped per row), got {budget!r}: {fix}")
+    if not isinstance(budgets, list) or not budgets or not all(type(k) is int and k >= 1 for k in budgets):
+        raise ArtifactError(f"{path}: 'budgets' must be a non-empty list of integers >= 1, got {budgets!r}: {fix}")
+    if selection["head"] not in HEADS:
+        raise ArtifactError(f"{path}: 'head' must be one of {', '.join(HEADS)}, got {selection['head']!r}: {fix}")
+    if selection["target"] not in TARGETS:
+        raise ArtifactError(f"{path}: 'target' must be one of {', '.join(TARGETS)}, got {selection['target']!r}: {fix}")
+
+
 def routing_knobs(selection: Mapping | None, **given: Any) -> dict[str, tuple[Any, str]]:
     """Each knob of :data:`ROUTING_KNOBS` as routing uses it, with where its value came from:
-    ``given`` (a command's option, None when left out: ``--lam``) wins, then ``selection`` (the routers'
-    ``selection.json``), then the default. ``{"lam": (value, source)}``."""
+    ``given`` (a command's option, None when left out: ``--lam``, ``--budget``) wins, then ``selection`` (the
+    routers' ``selection.json``), then the default. ``{"lam": (value, source), "budget": (value, source)}``."""
     knobs = {}
     for knob, default in ROUTING_KNOBS.items():
         if given.get(knob) is not None:
@@ -191,7 +225,8 @@ def routing_knobs(selection: Mapping | None, **given: Any) -> dict[str, tuple[An
         elif selection is not None and knob in selection:
             knobs[knob] = (selection[knob], "chosen by drllm train")
         else:
-            knobs[knob] = (default, "the default: no selection.json beside the routers")
+            why = "no selection.json beside the routers" if selection is None else "selection.json chose none"
+            knobs[knob] = (default, f"the default: {why}")
     return knobs
 
 
