@@ -26,23 +26,26 @@ from ..search import PathEvaluator
 from ..tasks import Example, encode_prompt
 from ..tasks.prompts import cloze_context
 from ..train import predict, tap_features
-from .baselines import greedy_skip_sets
+from .baselines import accuracy_scorer, greedy_skip_sets
+from .scoring import path_row
 
 __all__ = ["PathScores", "skip_vocabulary", "oracle_path", "budget_picks", "score_budget"]
 
 
 class PathScores:
-    """Results of forced paths on a fixed list of items, memoised per item (log-likelihood, acc_norm)."""
+    """Results of forced paths on a fixed list of items, each item's evaluator kept (by id, as
+    :func:`~drllm.eval.scoring.score_paths` keeps them), so a path never runs twice on an item."""
 
-    def __init__(self, model, tokenizer, examples: Sequence[Example], *, max_paths: int = 64, progress: bool = False):
+    def __init__(self, model, tokenizer, examples: Sequence[Example], *, progress: bool = False):
         self.model, self.tokenizer, self.examples = model, tokenizer, list(examples)
-        self.max_paths, self.progress = max_paths, progress
-        self.evaluators: dict[int, PathEvaluator] = {}
+        self.progress = progress
+        self.evaluators: dict[str, PathEvaluator] = {}
 
     def evaluator(self, i: int) -> PathEvaluator:
-        if i not in self.evaluators:
-            self.evaluators[i] = PathEvaluator(self.model, self.tokenizer, self.examples[i], max_paths=self.max_paths)
-        return self.evaluators[i]
+        ex = self.examples[i]
+        if ex.id not in self.evaluators:
+            self.evaluators[ex.id] = PathEvaluator(self.model, self.tokenizer, ex, max_paths=64)
+        return self.evaluators[ex.id]
 
     @torch.no_grad()
     def correct(self, paths_per_item: Sequence[Sequence[str]], items: Sequence[int] | None = None) -> list[list[int]]:
@@ -53,25 +56,16 @@ class PathScores:
             from tqdm.auto import tqdm
 
             rows = tqdm(list(rows), desc="paths", unit="ex", dynamic_ncols=True)
-        out = []
-        for i, paths in rows:
-            results = self.evaluator(i).evaluate(list(paths))
-            gold = self.examples[i].gold_index
-            out.append([int(self.examples[i].labels.index(r.prediction) == gold) for r in results])
-        return out
+        return [[path_row(self.examples[i], r)["correct"] for r in self.evaluator(i).evaluate(list(paths))]
+                for i, paths in rows]
 
     def scorer(self, items: Sequence[int]):
-        """``score(paths)`` for :func:`greedy_skip_sets`: ``(accuracy, mean margin)`` of each path on ``items``."""
-
-        def score(paths: list[str]) -> list[tuple]:
-            sums = [[0.0, 0.0] for _ in paths]
-            for i in items:
-                for s, r in zip(sums, self.evaluator(i).evaluate(paths)):
-                    s[0] += r.reward
-                    s[1] += r.margin
-            return [(a / len(items), m / len(items)) for a, m in sums]
-
-        return score
+        """``score(paths)`` for :func:`greedy_skip_sets` on ``items``: :func:`accuracy_scorer` sharing these
+        evaluators."""
+        for i in items:
+            self.evaluator(i)
+        return accuracy_scorer(self.model, self.tokenizer, [self.examples[i] for i in items],
+                               evaluators=self.evaluators)
 
 
 def _restricted(score, allowed: set[int]):
@@ -117,7 +111,7 @@ def oracle_path(evaluator: PathEvaluator, routers, k: int) -> str:
     L, ex = routers.num_blocks, evaluator.example
     if routers.head == "sets":
         options = [skip_set_path(L, s) for s in routers.sets[k]]
-        right = [r.path for r in evaluator.evaluate(options) if ex.labels.index(r.prediction) == ex.gold_index]
+        right = [r.path for r in evaluator.evaluate(options) if path_row(ex, r)["correct"]]
         return right[0] if right else options[0]
     singles = evaluator.evaluate([skip_set_path(L, [b]) for b in range(routers.tap, L)])
     damage = torch.zeros(1, L)
@@ -166,8 +160,4 @@ def score_budget(model, tokenizer, examples: Sequence[Example], common: Sequence
 
 def _row(evaluator: PathEvaluator, path: str) -> dict:
     """One item's row for ``path`` (memoised by the evaluator)."""
-    ex = evaluator.example
-    result = evaluator.evaluate([path])[0]
-    choice = ex.labels.index(result.prediction)
-    return {"correct": int(choice == ex.gold_index), "choice": choice, "margin": result.margin,
-            "passes": len(ex.choices), "path": result.path, "layers": result.length * len(ex.choices)}
+    return path_row(evaluator.example, evaluator.evaluate([path])[0])

@@ -37,7 +37,7 @@ from ..search.evaluator import PathEvaluator
 from ..tasks import Example, encode_prompt, generate_answers, generation_prompt, score_choices, use_chat_template
 from .stats import wilson_interval
 
-__all__ = ["evaluate", "lam_sweep", "budget_sweep", "evaluate_path", "score_paths", "summarize_rows", "vanilla_baseline", "REWARDS"]
+__all__ = ["evaluate", "lam_sweep", "budget_sweep", "evaluate_path", "score_paths", "path_row", "summarize_rows", "vanilla_baseline", "REWARDS"]
 
 REWARDS = ("loglik", "generate")
 
@@ -314,10 +314,15 @@ def score_paths(model, tokenizer, examples: Sequence[Example], paths: Sequence[s
             if evaluators is not None:
                 evaluators[ex.id] = evaluator
         for out, result in zip(rows, evaluator.evaluate(list(paths))):
-            choice = ex.labels.index(result.prediction)
-            out.append({"correct": int(choice == ex.gold_index), "choice": choice, "margin": result.margin, "passes": len(ex.choices), "path": result.path,
-                        "layers": result.length * len(ex.choices)})
+            out.append(path_row(ex, result))
     return rows
+
+
+def path_row(example: Example, result) -> dict:
+    """One item's row (as :func:`evaluate_path`'s) from a log-likelihood :class:`~drllm.search.PathResult`."""
+    choice = example.labels.index(result.prediction)
+    return {"correct": int(choice == example.gold_index), "choice": choice, "margin": result.margin,
+            "passes": len(example.choices), "path": result.path, "layers": result.length * len(example.choices)}
 
 
 def _progress(items, show: bool, desc: str):
