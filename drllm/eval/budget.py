@@ -120,13 +120,15 @@ def oracle_path(evaluator: PathEvaluator, routers, k: int) -> str:
 
 
 @torch.no_grad()
-def budget_picks(model, tokenizer, examples: Sequence[Example], routers, budgets: Sequence[int]) -> dict[int, list[str]]:
-    """Each item's path at each budget as the patched model decides it on the item's cloze context: the routers'
-    pick from the state entering their tap on the default path (what the runtime pools: tests/test_budget_train.py)."""
+def budget_picks(model, tokenizer, examples: Sequence[Example], routers: dict, budgets: Sequence[int]) -> dict:
+    """Each routers' path for each item at each budget (``{name: {K: [path]}}``), as the patched model decides it
+    on the item's cloze context: the pick from the state entering the routers' tap on the default path (what the
+    runtime pools: tests/test_budget_train.py). One forward per batch of items serves every routers' tap."""
     tokens = [encode_prompt(tokenizer, cloze_context(e, tokenizer, style="plain"), cloze=True) for e in examples]
-    means, valid = tap_features(model, tokens, [routers.tap])[routers.tap]
-    predicted = predict(routers, means, valid)
-    return {k: [path_to_str(p) for p in routers.pick(predicted, k)] for k in budgets}
+    features = tap_features(model, tokens, sorted({r.tap for r in routers.values()}))
+    predicted = {name: predict(r, *features[r.tap]) for name, r in routers.items()}
+    return {name: {k: [path_to_str(p) for p in r.pick(predicted[name], k)] for k in budgets}
+            for name, r in routers.items()}
 
 
 @torch.no_grad()
@@ -136,7 +138,7 @@ def score_budget(model, tokenizer, examples: Sequence[Example], common: Sequence
     item, so each path runs once on it: the ``common`` paths, each routers' pick at each budget
     (``routers``: name -> :class:`~drllm.routing.BudgetRouters`) and, given ``oracle`` (budget routers), the
     oracle of that kind. Returns ``{"common": {path: rows}, "picks": {name: {K: rows}}, "oracle": {K: rows}}``."""
-    picks = {name: budget_picks(model, tokenizer, examples, r, budgets) for name, r in routers.items()}
+    picks = budget_picks(model, tokenizer, examples, routers, budgets)
     out = {"common": {p: [] for p in common}, "picks": {n: {k: [] for k in budgets} for n in routers},
            "oracle": {k: [] for k in budgets} if oracle is not None else {}}
     items = enumerate(examples)
