@@ -96,7 +96,7 @@ def run_demo(
     import torch
 
     from .eval.baselines import calibration_set
-    from .eval.budget_selection import BudgetSettings, select_budget_routers
+    from .eval.budget_selection import LABEL_FREE, RESAMPLED, BudgetSettings, saved_companions, select_budget_routers
     from .eval.compare import choose_baselines, compare
     from .eval.selection import LAMS, MARGINS, select_routers
     from .integrations.plotting import decision_heatmap, decision_histogram
@@ -151,7 +151,8 @@ def run_demo(
     # budget routers on the searched items (or budget_items), head and target chosen on their dev part (as drllm
     # train --budget does)
     budget_settings = BudgetSettings(vocabulary_size=settings.vocabulary_size,
-                                     vocabulary_items=settings.vocabulary_items, seed=settings.seed)
+                                     vocabulary_items=settings.vocabulary_items, seed=settings.seed,
+                                     resamples=settings.resamples)
     budgets = _servable(BudgetRouters.for_model(model, tap=budget_settings.tap), settings.budgets,
                         budget_settings.allowed)
     budget_selection = select_budget_routers(
@@ -165,7 +166,7 @@ def run_demo(
                                           dev_ids=budget_selection["dev_ids"], train=budget_train)
     routers = Routers.from_pretrained(out / "routers")
     budget_routers = BudgetRouters.from_pretrained(out / BUDGET_ROUTERS)
-    label_free = BudgetRouters.from_pretrained(out / BUDGET_ROUTERS / "label-free")
+    label_free, resampled = saved_companions(out / BUDGET_ROUTERS, budget_selection)
     # every baseline at the paper's Ks and at the budgets (a small model cannot drop K >= L blocks)
     ks = sorted({k for k in (*settings.ks, *budgets) if k < routers.num_blocks})
     with torch.no_grad():
@@ -179,7 +180,7 @@ def run_demo(
             paper = compare(model, tokenizer, evaluated[task], routers=routers, lams=[selection["lam"]],
                             skip_sets=({}, {}), progress=progress)
             budget = compare(model, tokenizer, evaluated[task], routers=budget_routers, budgets=budgets,
-                             label_free=label_free, skip_sets=skip_sets, progress=progress)
+                             label_free=label_free, resampled=resampled, skip_sets=skip_sets, progress=progress)
             datasets[task] = {**paper, "methods": _merged(paper["methods"], budget["methods"]),
                               "budget_sweep": budget["sweep"], "baselines": budget["baselines"]}
             reports[task] = _dataset_report(out, task, title, datasets[task]["methods"])
@@ -200,7 +201,7 @@ def run_demo(
                                            "train_seconds")},
         "selection": selection,
         "budget": {"selection": budget_selection, "budgets": list(budgets), "routers": BUDGET_ROUTERS,
-                   "label_free": f"{BUDGET_ROUTERS}/label-free"},
+                   "label_free": f"{BUDGET_ROUTERS}/{LABEL_FREE}", "resampled": f"{BUDGET_ROUTERS}/{RESAMPLED}"},
         "calibration": source,
         "baselines": skip_sets[1],
         "datasets": {task: {"title": title, "n": len(evaluated[task]), "methods": datasets[task]["methods"],
@@ -309,7 +310,9 @@ drop and, label-free, on the KL to the full model's answer distribution; the dev
 ```
 
 Baselines (ShortGPT calibration, static selection): {summary['calibration']}; static selection repeated on
-{summary['settings']['resamples']} bootstrap resamples of it (`static-resampled`: mean and spread).
+{summary['settings']['resamples']} bootstrap resamples of it (`static-resampled`: mean and spread), and the budget
+routers retrained on as many resamples of their train and dev parts, the dev draws the same
+(`routers-resampled`: mean and spread).
 {evaluations}
 ![decisions](heatmap.png)
 

@@ -163,7 +163,14 @@ def test_eval_writes_one_row_per_budget_with_the_oracle_and_static_spread(traine
     resampled = by("static-resampled")
     assert [m["setting"] for m in resampled] == [1, 2]
     assert all(len(m["runs"]) == 2 and "std" in m["spread"] for m in resampled)
-    # static and its resamples are chosen on the routers' own dev part
+    # the routers retrained on resamples (drllm train --budget's default 3): one row per K, every retrain a run
+    retrained = by("routers-resampled")
+    assert [(m["setting"], m["budget"], m["blocks_per_pass"]) for m in retrained] == [("budget 1", 1, L - 1),
+                                                                                       ("budget 2", 2, L - 2)]
+    assert all(len(m["runs"]) == selection["resampled"]["count"] == 3 and "std" in m["spread"] for m in retrained)
+    assert "3 retrains on resamples from resampled/" in printed
+    # static and its resamples are chosen on the routers' own dev part, the same draws as the routers' retrains
+    assert res["baselines"]["static-resampled"]["calibration_ids"] == selection["resampled"]["dev_ids"][:2]
     assert set(res["baselines"]["static"]["calibration_ids"]) == set(selection["dev_ids"])
     draws = res["baselines"]["static-resampled"]["calibration_ids"]
     assert len(draws) == 2 and all(len(d) == selection["dev"] and set(d) <= set(selection["dev_ids"]) for d in draws)
@@ -185,7 +192,7 @@ def test_eval_writes_one_row_per_budget_with_the_oracle_and_static_spread(traine
     versus = routers_vs_baselines(methods)
     assert format_table(*versus) in printed
     pairs = {(row[0], row[2]) for row in versus[1]}
-    for who in ("budget", "label-free budget"):  # each K against static, resampled static and the oracle at that K
+    for who in ("budget", "label-free budget", "resampled budget"):  # each K against static, its resamples, oracle
         for k in (1, 2):
             assert {(f"{who} {k}", f"{m}:{k}") for m in ("static", "static-resampled", "oracle")} <= pairs
     assert all(base.endswith(":" + who[-1]) for who, base in pairs)  # never against another K

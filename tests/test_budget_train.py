@@ -15,8 +15,8 @@ from tiny_tokenizer import make_tiny_tokenizer
 import drllm
 from drllm.eval.baselines import greedy_skip_sets
 from drllm.eval.budget import PathScores, score_budget, skip_vocabulary
-from drllm.eval.budget_selection import BudgetSettings, select_budget_routers
-from drllm.eval.compare import choose_baselines
+from drllm.eval.budget_selection import BudgetSettings, saved_companions, select_budget_routers
+from drllm.eval.compare import choose_baselines, compare
 from drllm.eval.scoring import evaluate
 from drllm.paths import path_to_str, skip_set_path
 from drllm.routing import BudgetRouters
@@ -238,3 +238,31 @@ def test_select_budget_routers_end_to_end(setup, tmp_path):
         assert written["dev_oracle"]["sets"][k] >= max(routed) - 1e-9
     again = select_budget_routers(model, tok, exs, tmp_path, settings=settings, progress=False, log=lambda m: None)
     assert again["scored"] == selection["scored"], "a rerun resumes from the files and chooses the same"
+    # the chosen head and target retrained on bootstrap resamples, on the dev draws static selection makes
+    dev = [e for e in exs if e.id in set(written["dev_ids"])]
+    _, info = choose_baselines(model, tok, [("static", [1])], calibration=dev, resamples=settings.resamples)
+    assert written["resampled"]["dev_ids"] == info["static-resampled"]["calibration_ids"]
+    free, resampled = saved_companions(tmp_path, written)
+    assert free.head == written["label_free"]["head"] and len(resampled) == settings.resamples == 3
+    assert all(r.head == chosen.head for r in resampled)
+    weights = [r.mlp.fc2.weight for r in (chosen, *resampled)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
+    fewer = select_budget_routers(model, tok, exs, tmp_path, settings=dataclasses.replace(settings, resamples=1),
+                                  progress=False, log=lambda m: None)
+    assert len(saved_companions(tmp_path, fewer)[1]) == 1 and not (tmp_path / "resampled" / "1").exists()
+
+
+def test_resampled_routers_are_one_row_per_budget_with_their_spread(setup):
+    """compare's routers-resampled rows: one per budget, each retrain a run; retrains equal to the routers give
+    the routers' own items in every run and no spread."""
+    model, tok = setup
+    torch.manual_seed(3)
+    routers = BudgetRouters.for_model(model, tap=1, head="blocks")
+    exs = items(5, seed=2)
+    res = compare(model, tok, exs, routers=routers, budgets=[1, 2], skip_sets=({}, {}), resampled=[routers] * 2)
+    by = {(m["method"], m["setting"]): m for m in res["methods"]}
+    for k in (1, 2):
+        row = by[("routers-resampled", f"budget {k}")]
+        assert row["budget"] == k and row["blocks_per_pass"] == L - k and len(row["runs"]) == 2
+        assert all(run["items"] == by[("routers", f"budget {k}")]["items"] for run in row["runs"])
+        assert row["accuracy"] == by[("routers", f"budget {k}")]["accuracy"] and row["spread"]["std"] == 0

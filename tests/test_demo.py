@@ -92,7 +92,8 @@ def test_quick_demo_runs_and_reports_consistent_figures(quick_demo):
 
 BUDGETS = (1, 2)  # the quick run's budgets, which the baselines drop too (its paper Ks: 1)
 EXPECTED = [("vanilla", None), ("routers", "λ"), ("routers", "budget 1"), ("routers", "budget 2"),
-            ("routers label-free", "budget 1"), ("routers label-free", "budget 2"), ("oracle", 1), ("oracle", 2)] + [
+            ("routers label-free", "budget 1"), ("routers label-free", "budget 2"), ("oracle", 1), ("oracle", 2),
+            ("routers-resampled", "budget 1"), ("routers-resampled", "budget 2")] + [
     (m, k) for m in ("shortgpt", "static", "static-resampled", "random", "exit") for k in BUDGETS]
 
 
@@ -114,6 +115,7 @@ def test_quick_demo_compares_with_baselines_on_both_datasets(quick_demo):
         by = {(m["method"], m["setting"]): m for m in methods}
         assert len(by[("random", 1)]["runs"]) == 2  # two random seeds in the quick run
         assert len(by[("static-resampled", 2)]["runs"]) == 3  # three resamples of the dev part
+        assert len(by[("routers-resampled", "budget 2")]["runs"]) == 3  # the budget routers retrained on three
         assert by[("exit", 1)]["blocks_per_pass"] == 29 and methods[0]["blocks_per_pass"] == 30
         for k in BUDGETS:  # every budget row runs exactly L - K blocks per pass
             for key in (("routers", f"budget {k}"), ("routers label-free", f"budget {k}"), ("oracle", k),

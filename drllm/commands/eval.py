@@ -21,8 +21,6 @@ from .common import (
     write_json_atomic,
 )
 
-#: Where ``drllm train --budget`` keeps the routers trained on KL alone (no gold label), beside the chosen ones.
-LABEL_FREE = "label-free"
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +28,8 @@ def add_parser(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--routers", default=None,
                    help="router checkpoint folder (from `drllm train`, or `drllm train --budget`: budget routers, "
-                        "evaluated with their label-free twin in DIR/label-free and the oracle); without it, vanilla "
+                        "evaluated with their label-free twin in DIR/label-free, their retrains on resamples in "
+                        "DIR/resampled and the oracle); without it, vanilla "
                         "and --baselines only")
     add_task_arg(p)
     p.add_argument("--split", default=None, help="default: validation for ARC, train for GSM8K/MATH")
@@ -72,6 +71,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..eval.baselines import BaselineError, check_ks, parse_baselines
+    from ..eval.budget_selection import LABEL_FREE, RESAMPLED, saved_companions
     from ..eval.compare import compare
     from ..eval.report import (budget_selection_lines, format_table, frontier_legend, frontier_plot, frontier_table,
                                routers_vs_baselines, selection_lines)
@@ -89,12 +89,11 @@ def run(args) -> int:
     selection = read_selection(args.routers) if args.routers else None
     by_budget = isinstance(routers, BudgetRouters)
     check_selection_kind(args.routers, selection, by_budget)
-    label_free, lams, budgets, knob_text = None, [], [], ""
+    label_free, resampled, lams, budgets, knob_text = None, [], [], [], ""
     if by_budget:
         budgets, source = _budgets(args, routers, selection)
-        free_dir = Path(args.routers) / LABEL_FREE
-        label_free = BudgetRouters.from_pretrained(free_dir) if free_dir.is_dir() else None
-        for r in (routers, label_free):
+        label_free, resampled = saved_companions(args.routers, selection)
+        for r in (routers, label_free, *resampled):
             if r is not None:
                 _check_budgets(r, budgets)
         knob_text = f"budget routers evaluated at budgets {', '.join(map(str, budgets))} ({source})"
@@ -117,7 +116,7 @@ def run(args) -> int:
     model, tokenizer = load_model_from_args(args)
     info = describe(model)
     try:
-        for r in (routers, label_free):
+        for r in (routers, label_free, *resampled):
             if r is not None:
                 r.check_compatible(info.model_type, info.hidden_size, info.num_blocks)
         check_ks(info.num_blocks, baselines)
@@ -125,6 +124,7 @@ def run(args) -> int:
         raise UsageError(str(err)) from None
     try:  # a skip set a baseline cannot make (e.g. a greedy static set stuck at the skip-run limit)
         res = compare(model, tokenizer, examples, routers=routers, lams=lams, budgets=budgets, label_free=label_free,
+                      resampled=resampled,
                       baselines=baselines, calibration=calibration, seeds=args.seeds, reward=reward,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, style=args.style,
                       shortlist=args.shortlist or None, resamples=args.resamples)
@@ -138,7 +138,8 @@ def run(args) -> int:
         lines = budget_selection_lines if by_budget else selection_lines
         print("routers: " + lines(selection))
     if routers is not None:
-        print(knob_text + (f"; label-free routers from {LABEL_FREE}/ too" if label_free is not None else ""))
+        print(knob_text + (f"; label-free routers from {LABEL_FREE}/ too" if label_free is not None else "")
+              + (f"; {len(resampled)} retrains on resamples from {RESAMPLED}/" if resampled else ""))
     if calib_source:
         print(f"calibration/selection (shortgpt, static): {calib_source}")
     legend = frontier_legend(res["methods"])

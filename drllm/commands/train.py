@@ -18,9 +18,11 @@ CONFIG_OPTIONS = ("epochs", "min_block_labels", "batch_size", "lr", "weight_deca
 # defaults are None, so a given one is told apart; budget routers' defaults: drllm.eval.budget_selection.BudgetSettings.
 PAPER_ONLY = ("paths", "skips", "min_margin", "lam", "min_block_labels", "batch_size", "lr", "weight_decay",
               "warmup_ratio", "gamma", "beta", "num_windows", "extract_batch_size", "cache_dir", "cache_dtype", "limit")
-BUDGET_ONLY = ("task", "split", "n", "budgets", "tap", "vocabulary_size", "vocabulary_items", "allowed", "data_dir")
+BUDGET_ONLY = ("task", "split", "n", "budgets", "tap", "vocabulary_size", "vocabulary_items", "allowed", "resamples",
+               "data_dir")
 # BudgetSettings fields set by an option of the same name (the rest keep their defaults)
-BUDGET_OPTIONS = ("budgets", "tap", "vocabulary_size", "vocabulary_items", "allowed", "dev_fraction", "seed", "epochs")
+BUDGET_OPTIONS = ("budgets", "tap", "vocabulary_size", "vocabulary_items", "allowed", "resamples", "dev_fraction", "seed",
+                  "epochs")
 
 
 def margin_value(text: str) -> float:
@@ -96,6 +98,10 @@ def add_parser(subparsers) -> None:
                         help="train items the vocabulary is chosen greedily on (default: 80)")
     budget.add_argument("--allowed", type=positive_int, default=None,
                         help="blocks the vocabulary may skip: the least damaging single skips (default: 10)")
+    budget.add_argument("--resamples", type=non_negative_int, default=None,
+                        help="also retrain the chosen head and target on N bootstrap resamples of the train and dev "
+                             "parts, kept in OUT/resampled/ (drllm eval reports their mean and spread beside "
+                             "static-resampled's; default: 3, 0: none)")
     add_data_args(budget)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json_arg(p)
@@ -193,7 +199,7 @@ def run_budget(args) -> int:
         raise UsageError(f"{err} (raise --allowed, or ask smaller --budgets)") from None
     print("\n" + budget_selection_lines(selection))
     print(f"budget routers written to {args.out} (label-free: {args.out}/label-free; both route at budget "
-          f"{selection['budget']} unless given another)")
+          f"{selection['budget']} unless given another; retrains on resamples: {args.out}/resampled)")
     if args.json:
         write_json_atomic(args.json, selection)
     return 0

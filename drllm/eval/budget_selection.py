@@ -15,7 +15,14 @@ train items are split as ``drllm train`` splits them (:func:`~drllm.train.split_
    epoch of least dev loss;
 5. every candidate's picks scored on the dev items at every budget; the
    highest mean dev accuracy over the budgets wins, and the best ``kl``
-   candidate (no gold label read in training) is kept as ``label-free/``.
+   candidate (no gold label read in training) is kept as ``label-free/``;
+6. the winner's head and target retrained on ``resamples`` bootstrap
+   resamples of the train part, each keeping the epoch of least loss on a
+   bootstrap resample of the dev part (the same draws static selection is
+   repeated on: :func:`~drllm.eval.compare.choose_baselines`), kept as
+   ``resampled/0``, ``resampled/1``, ...: ``drllm eval`` reports them as
+   ``routers-resampled``, the mean and spread that say how fragile the
+   routers are next to ``static-resampled``.
 
 ``out_dir`` then holds the chosen routers and ``selection.json`` (the dev
 table, the vocabulary, the dev ids and their task, the default budget:
@@ -24,6 +31,8 @@ the largest whose dev accuracy stays inside vanilla's 95% interval).
 
 from __future__ import annotations
 
+import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,10 +50,14 @@ from ..train import (BudgetConfig, damage_targets, fit_budget_routers, measure_d
 from .budget import PathScores, oracle_path, skip_vocabulary
 from .stats import wilson_interval
 
-__all__ = ["BudgetSettings", "select_budget_routers", "HEADS", "TARGETS"]
+__all__ = ["BudgetSettings", "select_budget_routers", "saved_companions", "HEADS", "TARGETS", "LABEL_FREE",
+           "RESAMPLED"]
 
 HEADS = ("blocks", "sets")
 TARGETS = ("margin", "kl")
+#: Folders beside the chosen routers: the best routers trained on KL alone, and the resampled retrains.
+LABEL_FREE = "label-free"
+RESAMPLED = "resampled"
 RULE = "highest mean dev accuracy over the budgets, then head 'sets', then target 'margin'"
 
 
@@ -60,6 +73,8 @@ class BudgetSettings:
     dev_fraction: float = 0.2
     seed: int = 0
     epochs: int = 200
+    resamples: int = 3
+    resample_seed: int = 0
 
 
 def select_budget_routers(model, tokenizer, examples: Sequence[Example], out_dir: str | Path, *,
@@ -98,18 +113,26 @@ def _select(model, tokenizer, examples, out: Path, s: BudgetSettings, progress: 
     measured = singles + [x for x in sets if x not in singles]  # a K = 1 set is a single skip
     dev_damage = measure_damage(model, tokenizer, dev, out / "damage-dev.jsonl", candidates=measured,
                                 progress=progress)
+
+    def fit_candidate(head: str, target: str, train_rows=None, dev_rows=None) -> tuple[BudgetRouters, dict]:
+        """Routers of ``head`` fitted on ``target`` (on the given rows of the train and dev parts: all by default)."""
+        torch.manual_seed(s.seed)  # the same initialisation on a rerun
+        routers = BudgetRouters.for_model(model, tap=s.tap, head=head, sets=vocabulary if head == "sets" else None)
+        train_records, train_candidates = (single, singles) if head == "blocks" else (in_vocabulary, sets)
+        parts = []
+        for (means, valid), damage, rows in (
+                (features["train"], damage_targets(train_records, train_candidates, routers, target), train_rows),
+                (features["dev"], damage_targets(dev_damage, measured, routers, target), dev_rows)):
+            rows = torch.arange(len(damage)) if rows is None else torch.tensor(rows)
+            parts.append((means[rows], valid[rows], damage[rows]))
+        return routers, fit_budget_routers(routers, *parts, BudgetConfig(head=head, target=target, epochs=s.epochs,
+                                                                         seed=s.seed))
+
     candidates = {}
     for head in HEADS:
         for target in TARGETS:
-            torch.manual_seed(s.seed)  # the same initialisation on a rerun
-            routers = BudgetRouters.for_model(model, tap=s.tap, head=head, sets=vocabulary if head == "sets" else None)
-            train_records, train_candidates = (single, singles) if head == "blocks" else (in_vocabulary, sets)
-            fit = fit_budget_routers(
-                routers, (*features["train"], damage_targets(train_records, train_candidates, routers, target)),
-                (*features["dev"], damage_targets(dev_damage, measured, routers, target)),
-                BudgetConfig(head=head, target=target, epochs=s.epochs, seed=s.seed))
-            routers.save_pretrained(out / "candidates" / f"{head}-{target}")
-            candidates[(head, target)] = (routers, fit)
+            candidates[(head, target)] = fit_candidate(head, target)
+            candidates[(head, target)][0].save_pretrained(out / "candidates" / f"{head}-{target}")
     scores = PathScores(model, tokenizer, dev, progress=progress)
     vanilla = [c[0] for c in scores.correct([["1" * L]] * len(dev))]
     table = []
@@ -132,7 +155,14 @@ def _select(model, tokenizer, examples, out: Path, s: BudgetSettings, progress: 
     best = min(table, key=lambda e: (-e["mean_accuracy"], order[(e["head"], e["target"])]))
     label_free = min((e for e in table if e["target"] == "kl"), key=lambda e: -e["mean_accuracy"])
     candidates[(best["head"], best["target"])][0].save_pretrained(out)
-    candidates[(label_free["head"], "kl")][0].save_pretrained(out / "label-free")
+    candidates[(label_free["head"], "kl")][0].save_pretrained(out / LABEL_FREE)
+    shutil.rmtree(out / RESAMPLED, ignore_errors=True)  # no retrain of an earlier run is read as this run's
+    resampled = _resample_draws(len(train), len(dev), s)
+    for r, (train_rows, dev_rows) in enumerate(resampled):
+        fit_candidate(best["head"], best["target"], train_rows, dev_rows)[0].save_pretrained(out / RESAMPLED / str(r))
+    if resampled:
+        log(f"head {best['head']}, target {best['target']} retrained on {len(resampled)} bootstrap resamples "
+            f"(kept in {RESAMPLED}/)")
     lo, _ = wilson_interval(sum(vanilla), len(dev))
     inside = [k for k in s.budgets if best["budgets"][str(k)]["accuracy"] >= lo]
     selection = {
@@ -143,6 +173,8 @@ def _select(model, tokenizer, examples, out: Path, s: BudgetSettings, progress: 
         "head": best["head"],
         "target": best["target"],
         "label_free": {"head": label_free["head"], "target": "kl"},
+        "resampled": {"count": len(resampled), "seed": s.resample_seed,
+                      "dev_ids": [[dev[i].id for i in rows] for _, rows in resampled]},
         "tap": s.tap,
         "allowed": allowed,
         "vocabulary": {str(k): v for k, v in vocabulary.items()},
@@ -161,6 +193,24 @@ def _select(model, tokenizer, examples, out: Path, s: BudgetSettings, progress: 
     }
     write_json(out / "selection.json", selection)
     return selection
+
+
+def _resample_draws(n_train: int, n_dev: int, s: BudgetSettings) -> list[tuple[list[int], list[int]]]:
+    """``(train rows, dev rows)`` of each resample: bootstrap draws of the same sizes. The dev draws are the ones
+    :func:`~drllm.eval.compare.choose_baselines` makes of the same dev part with the same seed, so
+    ``routers-resampled`` and ``static-resampled`` see the same dev items."""
+    dev_rng, train_rng = random.Random(s.resample_seed), random.Random(f"train {s.resample_seed}")
+    dev_draws = [dev_rng.choices(range(n_dev), k=n_dev) for _ in range(s.resamples)]
+    return [(train_rng.choices(range(n_train), k=n_train), rows) for rows in dev_draws]
+
+
+def saved_companions(routers_dir: str | Path, selection: dict | None) -> tuple[BudgetRouters | None, list]:
+    """The label-free routers and the resampled retrains kept beside budget routers (each None / empty when
+    absent: routers from an older run)."""
+    root = Path(routers_dir)
+    free = BudgetRouters.from_pretrained(root / LABEL_FREE) if (root / LABEL_FREE).is_dir() else None
+    count = (selection or {}).get("resampled", {}).get("count", 0)
+    return free, [BudgetRouters.from_pretrained(root / RESAMPLED / str(r)) for r in range(count)]
 
 
 def _dev_oracle(scores: PathScores, candidates: dict, s: BudgetSettings) -> dict[str, dict[str, float]]:

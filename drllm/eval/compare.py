@@ -23,7 +23,10 @@ from .budget import score_budget
 from .scoring import budget_sweep, evaluate_path, lam_sweep, score_paths, summarize_rows, vanilla_baseline
 from .stats import median_test, paired_test, seeded_accuracy
 
-__all__ = ["compare", "choose_baselines"]
+__all__ = ["compare", "choose_baselines", "RESAMPLED"]
+
+#: The rows of budget routers retrained on resamples of their train and dev parts.
+RESAMPLED = "routers-resampled"
 
 
 def _path_rows(model, tokenizer, examples, paths: Sequence[str], *, reward: str, progress: bool = False,
@@ -73,7 +76,7 @@ def _seeded_entry(method: str, setting, runs: list[dict]) -> dict:
         "blocks_per_pass": sum(r["blocks_per_pass"] for r in runs) / len(runs),
         "layers_per_example": sum(r["layers_per_example"] for r in runs) / len(runs),
         "mcnemar": median_test([r["mcnemar"] for r in runs]),
-        "skipped": [r["skipped"] for r in runs],
+        **({"skipped": [r["skipped"] for r in runs]} if "skipped" in runs[0] else {}),
         "runs": runs,
     }
 
@@ -114,7 +117,8 @@ def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers |
             calibration: Sequence[Example] = (), seeds: int = bl.SEEDS, reward: str = "loglik",
             batch_size: int = 16, max_new_tokens: int = 256, style: str | None = None,
             normalize: str = "chars", skip_sets: tuple[dict, dict] | None = None, shortlist: int | None = None,
-            resamples: int = 0, label_free: BudgetRouters | None = None, progress: bool = False) -> dict:
+            resamples: int = 0, label_free: BudgetRouters | None = None, resampled: Sequence[BudgetRouters] = (),
+            progress: bool = False) -> dict:
     """Vanilla, the routers at each of ``lams`` (budget routers: at each of ``budgets``, with the oracle of their
     kind, :func:`~drllm.eval.budget.oracle_path`) and every baseline ``(method, Ks)`` on the same ``examples``.
 
@@ -128,6 +132,9 @@ def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers |
     ``sweep`` the :func:`~drllm.eval.scoring.lam_sweep` results; ``baselines`` what chose each
     method's skip sets (calibration ids, block influence). ``label_free``: budget routers trained without gold
     labels, scored at the same ``budgets`` as rows of method ``routers label-free`` (their sweep: ``label_free``).
+    ``resampled``: the routers retrained on resamples of their train and dev parts
+    (:func:`~drllm.eval.budget_selection.select_budget_routers`), one ``routers-resampled`` row per budget: their
+    mean and spread, as ``static-resampled``'s.
     """
     bl.check_disjoint(calibration, examples)
     settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, style=style, normalize=normalize)
@@ -137,41 +144,47 @@ def compare(model, tokenizer, examples: Sequence[Example], *, routers: Routers |
     sets, chosen = skip_sets
     L = describe(model).num_blocks
     forced = ["1" * L] + [skip_set_path(L, s) for by_k in sets.values() for ss in by_k.values() for s in ss]
-    sweep, free, budgeted = [], [], {}
+    budgeted = {}
+    # budget routers by row name; each retrain on a resample is a run of the routers-resampled rows
+    named = {"routers": routers, **({"routers label-free": label_free} if label_free is not None else {}),
+             **{f"{RESAMPLED} {r}": twin for r, twin in enumerate(resampled)}}
     if isinstance(routers, BudgetRouters) and reward == "loglik":
         # the routers' paths are decided on each item's context as the runtime decides them, then scored with
         # the baselines' in one evaluator per item (a routed run per budget would cost some 8 forced paths)
-        named = {"routers": routers, **({"routers label-free": label_free} if label_free is not None else {})}
         scored = score_budget(model, tokenizer, examples, list(dict.fromkeys(forced)), named, budgets,
                               oracle=routers, progress=progress)
         rows = scored["common"]
-        sweep = _budget_sweep(scored["picks"]["routers"], L)
-        free = _budget_sweep(scored["picks"]["routers label-free"], L) if label_free is not None else []
+        sweeps = {name: _budget_sweep(picks, L) for name, picks in scored["picks"].items()}
         budgeted = {**scored["picks"], "oracle": scored["oracle"]}
     else:
         rows = _path_rows(model, tokenizer, examples, forced, reward=reward, progress=progress, **settings)
+        baseline = vanilla_baseline(examples, rows["1" * L], reward) if routers is not None else None
         if isinstance(routers, BudgetRouters):
-            sweep = budget_sweep(model, tokenizer, routers, examples, budgets, reward=reward,
-                                 baseline=vanilla_baseline(examples, rows["1" * L], reward), **settings)
-        elif routers is not None:
-            sweep = lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
-                              baseline=vanilla_baseline(examples, rows["1" * L], reward), **settings)
-        if label_free is not None:
-            free = budget_sweep(model, tokenizer, label_free, examples, budgets, reward=reward,
-                                baseline=vanilla_baseline(examples, rows["1" * L], reward), **settings)
-        for method, results in (("routers", sweep), ("routers label-free", free)):
+            sweeps = {name: budget_sweep(model, tokenizer, r, examples, budgets, reward=reward, baseline=baseline,
+                                         **settings) for name, r in named.items()}
+        else:
+            sweeps = {"routers": lam_sweep(model, tokenizer, routers, examples, lams, reward=reward,
+                                           baseline=baseline, **settings)} if routers is not None else {}
+        for method, results in sweeps.items():
             for r in results:
                 budgeted.setdefault(method, {})[r["budget"] if r["budget"] is not None else r["lam"]] = \
                     [e["routed_row"] for e in r["examples"]]
+    sweep, free = sweeps.get("routers", []), sweeps.get("routers label-free", [])
     vanilla = rows["1" * L]
     methods = [_entry("vanilla", None, vanilla, vanilla)]
     for method, by_k in budgeted.items():
+        if method.startswith(RESAMPLED + " "):
+            continue
         for k, rows_k in by_k.items():
             if isinstance(routers, BudgetRouters):
                 setting = k if method == "oracle" else f"budget {k}"
                 methods.append(_entry(method, setting, rows_k, vanilla, budget=k))
             else:
                 methods.append(_entry(method, k, rows_k, vanilla))
+    for k in budgets if resampled else ():
+        runs = [_entry(RESAMPLED, f"budget {k}", budgeted[f"{RESAMPLED} {r}"][k], vanilla, budget=k)
+                for r in range(len(resampled))]
+        methods.append({**_seeded_entry(RESAMPLED, f"budget {k}", runs), "budget": k})
     for method, by_k in sets.items():
         for k, skip_lists in by_k.items():
             runs = [_entry(method, k, rows[skip_set_path(L, s)], vanilla, skipped=s) for s in skip_lists]

@@ -52,7 +52,7 @@ def frontier_table(methods: Sequence[dict]) -> tuple[list[str], list[list[str]]]
         test = "-" if m is vanilla else f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})"
         skipped = m.get("skipped", "-")
         if "runs" in m:
-            skipped = f"{len(m['runs'])} {'resamples' if m['method'] == 'static-resampled' else 'seeds'}"
+            skipped = f"{len(m['runs'])} {'resamples' if _resampled(m) else 'seeds'}"
         rows.append([m["method"], setting_text(m), acc, f"{m['blocks_per_pass']:.2f}",
                      f"{m['accuracy'] - vanilla['accuracy']:+.3f}", test, verdict(m), str(skipped)])
     headers = ["method", "K / λ", "accuracy [95% CI]", "blocks/pass", "Δ accuracy",
@@ -87,6 +87,11 @@ def compute_note(blocks: float, other: float) -> str:
     return f"{blocks - other:+.2f} blocks/pass"
 
 
+def _resampled(entry: dict) -> bool:
+    """Whether a row's runs are choices made on resamples of the selection items (static, budget routers)."""
+    return entry["method"].endswith("-resampled")
+
+
 def frontier_legend(methods: Sequence[dict]) -> str:
     """What the comparison table's intervals are, and which rows ran at equal compute (same measured blocks per
     pass; rows of one K share it by construction, routers run what they decide)."""
@@ -94,9 +99,12 @@ def frontier_legend(methods: Sequence[dict]) -> str:
              "items (\"no significant difference\" when p >= 0.05)."]
     for m in methods:
         if "runs" in m:
-            what = "resamples of the selection items" if m["method"] == "static-resampled" else "seeds"
+            what = "seeds"
+            if _resampled(m):
+                what = ("retrains on resamples of the train and dev parts" if m["method"].startswith("routers")
+                        else "resamples of the selection items")
             lines.append(f"{row_name(m)}: mean over {len(m['runs'])} {what} (± their standard deviation); its interval "
-                         f"is a {m.get('ci95_method', 'Wilson interval')}; its test is the median seed's.")
+                         f"is a {m.get('ci95_method', 'Wilson interval')}; its test is the median run's.")
     groups: dict[float, list[dict]] = {}
     for m in methods:
         key = next((k for k in groups if abs(k - m["blocks_per_pass"]) < SAME_BLOCKS), m["blocks_per_pass"])
@@ -114,21 +122,22 @@ def frontier_legend(methods: Sequence[dict]) -> str:
 
 def routers_vs_baselines(methods: Sequence[dict], alpha: float = 0.05) -> tuple[list[str], list[list[str]]]:
     """Headers and rows: each router setting against each baseline setting, McNemar's exact test on the same
-    items (random: against each seed's skip set, the seed with the median p, as against vanilla), and whether
-    the two ran at equal compute (:func:`compute_note`)."""
+    items (rows of several runs, random seeds or resamples: every pair of runs, the pair with the median p, as
+    against vanilla), and whether the two ran at equal compute (:func:`compute_note`)."""
     routers = [m for m in methods if m["method"].startswith("routers")]  # label-free budget routers too
     others = [m for m in methods if m["method"] != "vanilla" and not m["method"].startswith("routers")]
     rows = []
     for r in routers:
         # budget routers at K meet the baselines dropping the same K blocks (equal compute); lambda routers all
         for m in (o for o in others if r.get("budget") is None or o["setting"] == r["budget"]):
-            t = median_test([paired_test([int(c) for c in run["items"]], [int(c) for c in r["items"]])
-                             for run in m.get("runs", [m])])
+            t = median_test([paired_test([int(c) for c in run["items"]], [int(c) for c in mine["items"]])
+                             for run in m.get("runs", [m]) for mine in r.get("runs", [r])])
             if t["p"] >= alpha:
                 word = "within noise"
             else:
                 word = "routers above" if t["only_method"] > t["only_vanilla"] else "routers below"
-            who = setting_text(r) if r["method"] == "routers" else f"{r['method'][len('routers '):]} {setting_text(r)}"
+            who = setting_text(r) if r["method"] == "routers" else \
+                f"{r['method'][len('routers'):].lstrip(' -')} {setting_text(r)}"
             rows.append([who, f"{r['blocks_per_pass']:.2f}", f"{m['method']}:{m['setting']}",
                          f"{m['blocks_per_pass']:.2f}", f"{r['accuracy'] - m['accuracy']:+.3f}",
                          f"{t['p']:.3g} ({t['only_vanilla']}/{t['only_method']})", word,
@@ -178,6 +187,7 @@ METHOD_STYLES = {
     "routers": ("#7570b3", "o", 0.0),
     "routers budget": ("#1f78b4", "o", 0.0),  # budget routers: one point per K, drawn as a curve
     "routers label-free": ("#a6cee3", "o", 0.015),  # budget routers trained without gold labels
+    "routers-resampled": ("#6a3d9a", "o", -0.015),  # budget routers retrained on resamples: mean and spread
     "shortgpt": ("#d95f02", "s", -0.09),
     "static": ("#1b9e77", "D", -0.03),
     "static-resampled": ("#66c2a5", "d", -0.06),

@@ -17,7 +17,7 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 #: What :func:`seeded_accuracy`'s ``ci95`` is, in the words a table's legend uses.
 SEEDED_INTERVAL = (f"bootstrap over items ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}) "
-                   "of the mean accuracy across seeds")
+                   "of the mean accuracy across runs")
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
