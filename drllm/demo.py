@@ -74,11 +74,11 @@ class DemoSettings:
     shortlist: int | None = 12
 
 
-# Default: cut to fit about 45 minutes on a 2-core CPU (README says what is cut and what
-# `drllm train --budget` / `drllm eval` run on the full splits): 150 searched items (their dev
-# part, 30 items, chooses the knobs and the baselines' sets), the vocabulary chosen on 40 of
+# Default: cut to fit 45 minutes on a 2-core CPU (README says what is cut and what
+# `drllm train --budget` / `drllm eval` run on the full splits): 100 searched items (their dev
+# part, 20 items, chooses the knobs and the baselines' sets), the vocabulary chosen on 40 of
 # them, 100 items of each validation split, random over 2 seeds. Quick: about two minutes.
-DEFAULT = DemoSettings(n_search=150, simulations=32, n_eval=100, seeds=2, vocabulary_items=40)
+DEFAULT = DemoSettings(n_search=100, simulations=32, n_eval=100, seeds=2, vocabulary_items=40)
 QUICK = DemoSettings(n_search=8, simulations=8, n_eval=12, ks=(1,), seeds=2, budgets=(1, 2), vocabulary_size=2,
                      vocabulary_items=4)
 

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
                    help=f"MCTS simulations per item (default {DEFAULT.simulations}, "
                         f"or {QUICK.simulations} with --quick)")
     p.add_argument("--n-eval", type=positive_int, default=None,
-                   help=f"validation items (default: all, or {QUICK.n_eval} with --quick)")
+                   help=f"validation items of each split (default {DEFAULT.n_eval}, or {QUICK.n_eval} with --quick)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"router training epochs (default {DEFAULT.epochs})")
     p.add_argument("--seed", type=int, default=None,
