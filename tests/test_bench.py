@@ -31,17 +31,17 @@ def test_bench_command_end_to_end_writes_json(tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "bench.json"
     argv = ["bench", "--quick", "--model", "random:tiny", "--json", str(out), "--prefill-lengths", "16,32",
-            "--suites", "routing,generation,throughput,policy",
+            "--suites", "routing,generation,policy",
             "--gen-tokens", "2,3", "--batch-sizes", "1,3", "--policy-batches", "4", "--tokens", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for title in ("routing overhead", "generation latency", "throughput", "gather/scatter"):
+    for title in ("routing overhead", "generation latency", "gather/scatter"):
         assert title in printed
     data = json.loads(out.read_text())
     info = data["info"]
     assert info["model"] == "random:tiny" and info["num_blocks"] == 8 and info["quick"] is True
     suites = data["suites"]
-    assert set(suites) == {"routing", "generation", "throughput", "policy"}
+    assert set(suites) == {"routing", "generation", "policy"}
     assert [r["T"] for r in suites["routing"]] == [16, 32]
     assert {(r["new_tokens"], r["variant"]) for r in suites["generation"]} == {
         (n, v) for n in (2, 3) for v in ("all-execute", "skip 3", "skip 5")
@@ -49,15 +49,29 @@ def test_bench_command_end_to_end_writes_json(tmp_path, capsys, monkeypatch):
     for r in suites["generation"]:
         assert r["blocks"] == 8 - r["skipped"] and 0 < r["ideal_ratio"] <= 1 and r["ratio"] > 0
         assert r["fixed_ms"] > 0 and r["vanilla_ms"] > 0
-    assert [r["batch"] for r in suites["throughput"]] == [1, 3]
-    for r in suites["throughput"]:
-        assert r["vanilla_tok_s"] > 0 and r["routed_tok_s"] > 0 and r["bound_tok_s"] > 0
-        assert 1 <= r["union_passes"] <= 16
     assert {(r["batch"], r["active_fraction"]) for r in suites["policy"]} == {(4, 0.5), (4, 0.75)}
     assert set(data["policy_crossover"]) == {"4"}
     assert plan.row_policy()["policy"] == "auto", "the bench restores the row policy"
-    _check_targets(data, {"routing_overhead_T32", "all_execute_vs_vanilla_eager", "fixed_path_share_of_ideal_eager",
-                          "throughput_B1_share_of_bound", "throughput_B3_share_of_bound"})
+    _check_targets(data, {"routing_overhead_T32", "all_execute_vs_vanilla_eager", "fixed_path_share_of_ideal_eager"})
+
+
+def test_bench_throughput_and_grouping_suites():
+    """Throughput on the budget routers' paths (eager and compiled, dynamo's eager backend here) and the grouping
+    crossover, with their targets."""
+    model = random_model("tiny")
+    cfg = BenchConfig(suites=("throughput", "grouping"), repeats=1, batch_sizes=(1, 5), throughput_tokens=3,
+                      prompt_length=6, policy_tokens=2, grouping_batch=4, grouping_rows=(1, 2), warmup=False,
+                      compile_backend="eager")
+    data = run_bench(model, cfg, log=lambda *a: None)
+    rows = data["suites"]["throughput"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [(1, "eager"), (1, "compiled"), (5, "eager"), (5, "compiled")]
+    for r in rows:
+        assert r["vanilla_tok_s"] > 0 and r["routed_tok_s"] > 0 and r["bound_tok_s"] > 0 and r["share_of_bound"] > 0
+        assert r["mean_path_length"] == 8 - r["budget"] and 1 <= r["union_passes"] <= 8
+    assert [(r["batch"], r["rows"]) for r in data["suites"]["grouping"]] == [(4, 1), (4, 2)]
+    assert data["grouping_crossover_rows"] in (None, 1, 2)
+    _check_targets(data, {f"throughput_B{b}_{m}_share_of_bound" for b in (1, 5) for m in ("eager", "compiled")}
+                   | {"throughput_graphs_after_warmup"})
 
 
 def _check_targets(data: dict, names: set) -> None:
@@ -69,26 +83,25 @@ def _check_targets(data: dict, names: set) -> None:
         assert t["met"] == (t["value"] <= t["target"] if t["op"] == "<=" else t["value"] >= t["target"])
 
 
-def test_bench_compile_and_kernels_suites(tmp_path, capsys, monkeypatch):
-    """`drllm bench --suites compile --quick`: compiled vanilla against compiled routed decoding, with targets."""
-    from drllm.cli import main
+def test_bench_compile_and_kernels_suites():
+    """Suites compile and kernels at quick sizes: compiled vanilla against compiled routed decoding (dynamo's eager
+    backend here: every fixed path compiles a whole-step graph), with targets."""
+    from drllm.bench.report import tables
 
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    out = tmp_path / "bench.json"
-    argv = ["bench", "--quick", "--model", "random:tiny", "--suites", "compile,kernels", "--prefill-lengths", "64",
-            "--json", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "compiled decoding" in printed and "## targets" in printed
-    data = json.loads(out.read_text())
+    cfg = BenchConfig.for_run(True, torch.device("cpu"), suites=("compile", "kernels"), compile_backend="eager")
+    data = run_bench(random_model("tiny"), cfg, log=lambda *a: None)
+    printed = "\n".join(title for title, _, _ in tables(data))
+    assert "compiled decoding" in printed and "targets" in printed
     rows = {r["variant"]: r for r in data["suites"]["compile"]}
-    assert set(rows) == {"vanilla (again)", "vanilla (per block)", "all-execute", "skip 3", "skip 5", "routers", "summary"}
+    assert set(rows) == {"vanilla (again)", "vanilla (per block)", "all-execute", "skip 3", "skip 5", "vocabulary 0",
+                         "vocabulary 1", "vocabulary 2", "routers", "summary"}
     summary = rows.pop("summary")
     assert summary["graphs_compiled"] > 0 and summary["noise"] >= 0 and len(summary["decided_path"]) == 8
     for name, r in rows.items():
         assert r["ms"] > 0 and r["ratio"] > 0 and 0 < r["ideal_ratio"] <= 1
         assert r["blocks"] == {"skip 3": 5, "skip 5": 3}.get(name, r["blocks"])
-    assert rows["routers"]["blocks"] == sum(summary["decided_path"])
+    assert rows["routers"]["blocks"] == sum(summary["decided_path"]) == 8 - summary["budget"]
+    assert all(rows[name]["graph_compile_s"] > 0 for name in ("all-execute", "skip 3", "vocabulary 0"))
     assert {r["op"] for r in data["suites"]["kernels"]} == {"gather_rows", "scatter_rows", "pooled_router_logits"}
     assert all(r["GB_s"] > 0 and r["share_of_copy"] > 0 for r in data["suites"]["kernels"])
     _check_targets(data, {"all_execute_vs_vanilla_compiled", "fixed_path_share_of_ideal_compiled",

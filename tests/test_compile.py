@@ -1,8 +1,9 @@
-"""Compiled routed decoding equals eager decoding, and new paths compile nothing.
+"""Compiled routed decoding equals eager decoding, and new paths compile nothing but their whole-step graph.
 
 ``drllm.compile`` compiles the block class's forward once for every block,
-pass and path (regional compilation); the routing stays eager between the
-compiled blocks. Graphs are counted with dynamo's own compile counter around
+pass and path (regional compilation; the routing stays eager between the
+compiled blocks), and a static-cache decode step on one path as one graph
+of that path (tests/test_path_graphs.py). Graphs are counted with dynamo's own compile counter around
 inductor, so the check is on what was really compiled.
 """
 
@@ -14,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import drllm
 from conftest import random_batch, tiny_model
+from drllm.runtime.state import require_state
 from test_runtime import generate
 from test_runtime_modes import confident_routers
 
@@ -63,19 +65,25 @@ def test_compiled_generation_equals_eager(models, case, cache):
 
 
 @torch.no_grad()
-def test_a_new_path_compiles_nothing(models):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_new_path_compiles_nothing_but_its_graph(models, cache):
+    """Regional blocks serve every path (a dynamic cache compiles nothing for a new path); on a static cache a new
+    path compiles its whole-step graph and nothing else."""
     _, compiled, counter = models
     ids, mask = random_batch(1, 9, seed=8)
     with drllm.forced_paths(compiled, [[1, 1, 1, 1]]):
-        generate(compiled, ids, mask, n=4, cache_implementation="static")
+        generate(compiled, ids, mask, n=4, cache_implementation=cache)
     graphs = counter.frame_count
-    assert graphs > 0, "decode steps ran the compiled blocks"
+    assert graphs > 0, "decode steps ran compiled code"
     seen = set()
     for path in ([0, 1, 2, 1], [2, 2, 0, 1], [1, 0, 1, 2], [2, 1, 1, 0]):
         with drllm.forced_paths(compiled, [path]):
-            generate(compiled, ids, mask, n=4, cache_implementation="static")
+            generate(compiled, ids, mask, n=4, cache_implementation=cache)
         seen.add(tuple(drllm.last_paths(compiled)[0].tolist()))
-    assert len(seen) == 4 and counter.frame_count == graphs
+    assert len(seen) == 4
+    assert counter.frame_count == graphs + (4 if cache == "static" else 0)
+    if cache == "static":
+        assert seen <= set(require_state(compiled).graphs.compile_seconds)
 
 
 @torch.no_grad()

@@ -1,18 +1,21 @@
 """``drllm bench``: runtime performance, measured against the vanilla model in the same run.
 
-Six suites, one module each (also timed by ``benchmarks/bench_runtime.py``):
+Seven suites, one module each (also timed by ``benchmarks/bench_runtime.py``):
 
 1. ``routing``: pooling + routers for every block against one vanilla prefill,
    and a routed prefill end to end (:mod:`.routing`).
 2. ``generation``: batch-1 latency of fixed paths against vanilla and their
    ideal (:mod:`.generation`).
-3. ``throughput``: tokens per second against batch size, per-row paths with
-   the paper's statistics, against the union bound (:mod:`.throughput`).
+3. ``throughput``: tokens per second against batch size on the budget
+   routers' own paths, eager and compiled (rows grouped by path), against
+   the union bound (:mod:`.throughput`).
 4. ``policy``: gathering the rows of a partial pass against running every row
    and selecting, to place the crossover (:mod:`.policy`).
-5. ``compile``: compiled routed decoding against the compiled vanilla model
-   (:mod:`.compile`).
-6. ``kernels``: the row ops' bandwidth against a plain copy of the same bytes
+5. ``grouping``: a path's rows as a group of their own against the shared
+   executor, to place the grouping policy's crossover (:mod:`.grouping`).
+6. ``compile``: compiled routed decoding (whole-step graphs per path)
+   against the compiled vanilla model (:mod:`.compile`).
+7. ``kernels``: the row ops' bandwidth against a plain copy of the same bytes
    (:mod:`.kernels`).
 
 The suites share :mod:`.config` (sizes, random models), :mod:`.timing`
@@ -39,6 +42,7 @@ from ..runtime.plan import row_policy
 from .compile import bench_compile
 from .config import BenchConfig
 from .generation import bench_generation
+from .grouping import bench_grouping, group_crossover
 from .kernels import bench_kernels
 from .policy import bench_policy, crossover
 from .routing import bench_routing
@@ -47,7 +51,7 @@ from .throughput import bench_throughput
 from .workload import generate_exactly, random_tokens
 
 SUITES = {"routing": bench_routing, "generation": bench_generation, "throughput": bench_throughput,
-          "policy": bench_policy, "compile": bench_compile, "kernels": bench_kernels}
+          "policy": bench_policy, "grouping": bench_grouping, "compile": bench_compile, "kernels": bench_kernels}
 
 
 def run(model, cfg: BenchConfig, log=print, model_name: str | None = None) -> dict:
@@ -82,6 +86,8 @@ def run(model, cfg: BenchConfig, log=print, model_name: str | None = None) -> di
         results.setdefault("seconds", {})[name] = time.perf_counter() - start
     if "policy" in results["suites"]:
         results["policy_crossover"] = crossover(results["suites"]["policy"])
+    if "grouping" in results["suites"]:
+        results["grouping_crossover_rows"] = group_crossover(results["suites"]["grouping"])
     results["targets"] = targets(results, device)
     info["seconds"] = time.perf_counter() - total
     return results

@@ -1,5 +1,9 @@
 """Suite ``compile``: compiled routed decoding against the compiled vanilla model (batch 1, static cache).
 
+The routed model is patched with budget routers (:func:`~.workload.budget_routers`) and compiled with
+``drllm.compile``: a decode step on one path runs that path's whole-step graph. Fixed paths are the
+evenly skipped ones and each path of the routers' vocabulary; "routers" is the routers' own pick.
+
 The vanilla model is compiled the way transformers users already run it
 (``model.forward = torch.compile(model.forward)``, static cache: "vanilla"),
 and also block by block the plain way ("vanilla (per block)": each block's
@@ -17,22 +21,16 @@ import statistics
 
 import torch
 
+from ..runtime.state import require_state
 from .config import BenchConfig
 from .timing import interleaved, self_noise
-from .workload import evenly_skipped_path, random_tokens
+from .workload import budget_routers, evenly_skipped_path, random_tokens, vocabulary
 
 
-def confident_routers(model, seed: int):
-    """Random routers with well-separated logits: they decide a path of their own for the prompt."""
-    import drllm
-
-    torch.manual_seed(seed)
-    routers = drllm.Routers.for_model(model)
-    with torch.no_grad():
-        for mlp in routers.mlps:
-            mlp.fc2.weight.mul_(30.0)
-            mlp.fc2.bias.copy_(torch.tensor([0.0, 4.0, 0.0]))  # mostly execute, as trained routers do
-    return routers
+def compile_options(cfg: BenchConfig) -> dict:
+    """``torch.compile`` options of the compiled variants: the run's mode and backend."""
+    options = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+    return {**options, "backend": cfg.compile_backend} if cfg.compile_backend else options
 
 
 def per_block(model, options: dict):
@@ -51,7 +49,7 @@ def per_block(model, options: dict):
     return model
 
 
-def _graphs() -> int:
+def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
@@ -64,7 +62,7 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
     device = model.device
     L = model.config.num_hidden_layers
     n = cfg.compile_tokens
-    options = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+    options = compile_options(cfg)
     ids = random_tokens(model, 1, cfg.prompt_length, cfg.seed)
 
     def generate(m):
@@ -75,9 +73,11 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
     vanilla = copy.deepcopy(model)
     vanilla.forward = torch.compile(vanilla.forward, **options)
     regional = per_block(copy.deepcopy(model), options)
-    routed = drllm.compile(drllm.patch(model, confident_routers(model, cfg.seed)), **options)
+    routers, budget = budget_routers(model, cfg)
+    routed = drllm.compile(drllm.patch(model, routers, budget=budget), **options)
     paths = {"all-execute": torch.ones(L, dtype=torch.int64), "all-skip": torch.zeros(L, dtype=torch.int64)}
     paths.update({f"skip {k}": evenly_skipped_path(L, k) for k in cfg.skip_counts if k < L})
+    paths.update({f"vocabulary {i}": p for i, p in enumerate(vocabulary(routers, budget))})
 
     def forced(path):
         def setup():
@@ -92,13 +92,14 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
                 "routers": plain(routed)}
     variants.update({name: forced(path) for name, path in paths.items()})
     try:
-        before = _graphs()
+        before = graphs_compiled()
         first = interleaved(variants, 1, device, warmup=False)  # compiles
-        compiled_graphs = _graphs() - before
+        compiled_graphs = graphs_compiled() - before
         res = interleaved(variants, cfg.repeats, device, warmup=False)
-        recompiled = _graphs() - before - compiled_graphs
+        recompiled = graphs_compiled() - before - compiled_graphs
         generate(routed)
         decided = drllm.last_paths(routed)[0]
+        compile_seconds = dict(require_state(routed).graphs.compile_seconds)
     finally:
         drllm.unpatch(model)
         del vanilla, regional
@@ -106,17 +107,22 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
     fixed = res["all-skip"]["median"]
     noise = self_noise(res)
     rows = []
-    for name in ["vanilla (again)", "vanilla (per block)", "all-execute", *[k for k in paths if k.startswith("skip")], "routers"]:
+    fixed_paths = [k for k in paths if k.startswith(("skip", "vocabulary"))]
+    for name in ["vanilla (again)", "vanilla (per block)", "all-execute", *fixed_paths, "routers"]:
         blocks = int(decided.sum()) if name == "routers" else (L if name.startswith("vanilla") else int(paths[name].sum()))
         ideal = (fixed + blocks / L * (v - fixed)) / v
         t = res[name]["median"]
         row = {"variant": name, "blocks": blocks, "ms": 1e3 * t, "vanilla_ms": 1e3 * v, "fixed_ms": 1e3 * fixed,
                "ratio": t / v, "ideal_ratio": ideal, "of_ideal_speedup": ideal * v / t,
                "compile_s": max(0.0, first[name]["median"] - t), "samples": res[name]["all"]}
+        path = decided if name == "routers" else paths.get(name)
+        if path is not None:  # the path's whole-step graph: its first call, tracing and compiling
+            row["graph_compile_s"] = compile_seconds.get(tuple(path.tolist()))
         rows.append(row)
         log(f"  compiled {name}: x{row['ratio']:.3f} of compiled vanilla ({1e3 * v / n:.1f} ms/token), blocks {blocks}, "
             f"ideal x{ideal:.3f}, {100 * row['of_ideal_speedup']:.1f}% of ideal speedup")
-    summary = {"variant": "summary", "noise": noise, "new_tokens": n, "graphs_compiled": compiled_graphs,
+    summary = {"variant": "summary", "noise": noise, "new_tokens": n, "graphs_compiled": compiled_graphs, "budget": budget,
+               "routers": cfg.routers or "stand-in",
                "graphs_after_warmup": recompiled, "decided_path": decided.tolist(),
                "vanilla_compile_s": max(0.0, first["vanilla"]["median"] - v),
                "median_ms": {k: 1e3 * statistics.median(r["all"]) for k, r in res.items()}}

@@ -38,7 +38,7 @@ def random_model(name: str, device="cpu", dtype: torch.dtype | None = None, seed
 
 @dataclass
 class BenchConfig:
-    suites: tuple = ("routing", "generation", "throughput", "policy", "compile", "kernels")
+    suites: tuple = ("routing", "generation", "throughput", "policy", "grouping", "compile", "kernels")
     repeats: int = 3
     prefill_lengths: tuple = (128, 512, 2048)
     prompt_length: int = 32
@@ -50,7 +50,12 @@ class BenchConfig:
     policy_fractions: tuple = (0.25, 0.5, 0.75, 0.9)
     policy_tokens: int = 16
     compile_tokens: int = 64
-    compile_mode: str | None = None  # torch.compile mode of suite compile ("reduce-overhead": CUDA graphs)
+    compile_mode: str | None = None  # torch.compile mode of suites compile and throughput ("reduce-overhead": CUDA graphs)
+    compile_backend: str | None = None  # torch.compile backend of those suites (None: inductor; tests use "eager")
+    routers: str | None = None  # BudgetRouters directory (`drllm train --budget`); None: a stand-in (workload.py)
+    budget: int = 8  # blocks the budget routers skip per row
+    grouping_batch: int = 16  # suite grouping: batch split between two paths
+    grouping_rows: tuple = (1, 2, 4, 8)  # suite grouping: rows on the second path
     warmup: bool = True  # an untimed round of every variant before the timed ones
     seed: int = 0
 

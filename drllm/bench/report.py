@@ -18,13 +18,18 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list]]]:
                     [[r["new_tokens"], r["variant"], f"{r['blocks']}", f"{r['ms']:.0f}", f"{r['ratio']:.3f}",
                       f"{r['ideal_ratio']:.3f}", f"{100 * r['of_ideal_speedup']:.1f}%"] for r in s["generation"]]))
     if "throughput" in s:
-        out.append(("throughput (paper path statistics)", ["batch", "vanilla tok/s", "routed tok/s", "union bound tok/s",
-                                                          "routed / vanilla", "bound / vanilla", "union passes",
-                                                          "agreement", "skip", "repeat"],
-                    [[r["batch"], f"{r['vanilla_tok_s']:.1f}", f"{r['routed_tok_s']:.1f}", f"{r['bound_tok_s']:.1f}",
-                      f"{r['routed_vs_vanilla']:.3f}", f"{r['bound_vs_vanilla']:.3f}",
-                      f"{r['union_passes']}/{r['num_blocks']}", f"{r['paths_agreement']:.2f}",
-                      f"{100 * r['paths_skip']:.1f}%", f"{100 * r['paths_repeat']:.1f}%"] for r in s["throughput"]]))
+        out.append(("throughput (the budget routers' paths, rows grouped by path)",
+                    ["batch", "mode", "vanilla tok/s", "routed tok/s", "union bound tok/s", "routed / vanilla",
+                     "bound / vanilla", "of bound", "union passes", "paths", "graphs after warm-up"],
+                    [[r["batch"], r["mode"], f"{r['vanilla_tok_s']:.1f}", f"{r['routed_tok_s']:.1f}",
+                      f"{r['bound_tok_s']:.1f}", f"{r['routed_vs_vanilla']:.3f}", f"{r['bound_vs_vanilla']:.3f}",
+                      f"{100 * r['share_of_bound']:.1f}%", f"{r['union_passes']}/{r['num_blocks']}",
+                      r["distinct_paths"], r["graphs_after_warmup"]] for r in s["throughput"]]))
+    if "grouping" in s:
+        out.append(("a second path's rows grouped vs in the shared executor", ["batch", "rows", "grouped ms",
+                                                                              "shared ms", "grouped / shared"],
+                    [[r["batch"], r["rows"], f"{r['grouped_ms']:.0f}", f"{r['shared_ms']:.0f}",
+                      f"{r['grouped_vs_shared']:.3f}"] for r in s["grouping"]]))
     if "policy" in s:
         out.append(("gather/scatter vs run-all-and-select", ["batch", "active rows", "gather ms", "select ms",
                                                              "select / gather", "us per partial pass"],
@@ -36,9 +41,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list]]]:
         out.append((f"compiled decoding (batch 1, static cache, {summary['new_tokens']} tokens; noise "
                     f"{100 * summary['noise']:.1f}%, {summary['graphs_compiled']} graphs, "
                     f"{summary['graphs_after_warmup']} after the first round)",
-                    ["path", "blocks", "ms", "vs compiled vanilla", "ideal", "of ideal speedup", "compile s"],
+                    ["path", "blocks", "ms", "vs compiled vanilla", "ideal", "of ideal speedup", "compile s",
+                     "graph compile s"],
                     [[r["variant"], r["blocks"], f"{r['ms']:.0f}", f"{r['ratio']:.3f}", f"{r['ideal_ratio']:.3f}",
-                      f"{100 * r['of_ideal_speedup']:.1f}%", f"{r['compile_s']:.1f}"] for r in rows]))
+                      f"{100 * r['of_ideal_speedup']:.1f}%", f"{r['compile_s']:.1f}",
+                      "-" if r.get("graph_compile_s") is None else f"{r['graph_compile_s']:.1f}"] for r in rows]))
     if "kernels" in s:
         out.append(("kernels against a copy of the same bytes", ["op", "backend", "dtype", "GB/s", "copy GB/s",
                                                                 "share of copy", "us per op"],

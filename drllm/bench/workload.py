@@ -98,11 +98,13 @@ def random_tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=g).to(model.device)
 
 
-def generate_exactly(model, ids: torch.Tensor, new_tokens: int):
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``ids``."""
+def generate_exactly(model, ids: torch.Tensor, new_tokens: int, static: bool = False):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``ids`` (``static``: on a static cache, with
+    transformers' own compilation off, as compiled models are timed)."""
+    extra = dict(cache_implementation="static", disable_compile=True) if static else {}
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
 
 
 def unpatched(model):
@@ -125,3 +127,46 @@ def routed(model, paths=None, routers=None):
             yield model
     finally:
         drllm.unpatch(model)
+
+
+# --------------------------------------------------------------------------- budget routers
+
+
+def budget_routers(model, cfg):
+    """``(routers, budget)``: the budget routers whose picks the suites decode and the budget they run at.
+
+    ``cfg.routers`` (a ``drllm train --budget`` directory) at ``cfg.budget``, else a stand-in of the same kind:
+    head ``sets`` with a vocabulary of three evenly spread skip sets (shifted by one block) of ``cfg.budget``
+    blocks (at most a third of the blocks after the tap), random weights (seed ``cfg.seed``) scaled so each prompt
+    gets a clear pick.
+    """
+    import drllm
+
+    if cfg.routers:
+        return drllm.BudgetRouters.from_pretrained(cfg.routers, device=model.device), cfg.budget
+    L, tap = model.config.num_hidden_layers, 2
+    budget = min(cfg.budget, max(1, (L - tap) // 3))
+    base = [b for b in range(L) if evenly_skipped_path(L, budget)[b] == 0]
+    sets = []
+    for shift in (0, 1, -1):
+        skips = sorted({min(max(b + shift, tap), L - 1) for b in base})
+        if len(skips) == budget and skips not in sets:
+            sets.append(skips)
+    torch.manual_seed(cfg.seed)
+    routers = drllm.BudgetRouters(model.config.model_type, model.config.hidden_size, L, tap=tap, head="sets",
+                                  sets={budget: sets})
+    with torch.no_grad():
+        routers.mlp.fc2.weight.mul_(30.0)
+    return routers.to(model.device), budget
+
+
+def vocabulary(routers, budget: int) -> list[torch.Tensor]:
+    """The paths budget routers of head ``sets`` choose among at ``budget`` (none for head ``blocks``)."""
+    if routers.head != "sets":
+        return []
+    paths = []
+    for skips in routers.sets[budget]:
+        path = torch.ones(routers.num_blocks, dtype=torch.int64)
+        path[list(skips)] = 0
+        paths.append(path)
+    return paths

@@ -15,15 +15,21 @@ def add_parser(subparsers) -> None:
         "bench",
         help="time the routed runtime against the vanilla model (ratios measured in the same run)",
         description="Suites: routing (routers vs prefill), generation (batch-1 latency of fixed paths vs vanilla "
-        "and the ideal), throughput (tokens/s vs batch size, paper path statistics, union bound), policy "
-        "(gather/scatter vs run-all-and-select), compile (compiled routed decoding vs compiled vanilla), kernels "
+        "and the ideal), throughput (tokens/s vs batch size on the budget routers' paths, eager and compiled, union "
+        "bound), policy (gather/scatter vs run-all-and-select), grouping (a path's rows as their own group vs the "
+        "shared executor), compile (whole-step graphs per path vs compiled vanilla), kernels "
         "(row ops and pooling vs copy bandwidth). --json also states every target next to its value. --model random:llama-3.2-3b / random:llama-3.1-8b / random:tiny "
         "builds a random-weight Llama of that configuration.",
     )
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a 2-core CPU)")
     p.add_argument("--suites", default=None,
-                   help="comma-separated subset of routing,generation,throughput,policy,compile,kernels (default: all)")
+                   help="comma-separated subset of routing,generation,throughput,policy,grouping,compile,kernels "
+                   "(default: all)")
+    p.add_argument("--routers", default=None, metavar="DIR",
+                   help="suites throughput and compile: budget routers (drllm train --budget) whose paths are decoded "
+                   "(default: a stand-in with a vocabulary of three evenly spread skip sets)")
+    p.add_argument("--budget", type=int, default=None, help="suites throughput and compile: blocks the routers skip")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of each variant (median taken)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on the CPU: 1, which keeps timings steady on a shared machine; "
@@ -61,7 +67,8 @@ def run(args) -> int:
 
     overrides = {"repeats": args.repeats, "prefill_lengths": args.prefill_lengths, "gen_tokens": args.gen_tokens,
                  "batch_sizes": args.batch_sizes, "throughput_tokens": args.tokens, "policy_tokens": args.tokens,
-                 "policy_batches": args.policy_batches, "prompt_length": args.prompt_length}
+                 "policy_batches": args.policy_batches, "prompt_length": args.prompt_length, "routers": args.routers,
+                 "budget": args.budget}
     if args.suites:
         overrides["suites"] = tuple(s.strip() for s in args.suites.split(",") if s.strip())
         unknown = set(overrides["suites"]) - set(SUITES)

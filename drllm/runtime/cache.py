@@ -21,6 +21,7 @@ passing that object back continues the same sequence.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -39,6 +40,9 @@ class RoutedCache(Cache):
         self.decisions: torch.Tensor | None = None  # [B, L] frozen at the prefill
         self.plan = None  # the executor's per-block row plan, frozen with the decisions
         self.seen_tokens = 0
+        # Decided at the first decode step (:mod:`.grouping`): [] runs the batch as one, a list of
+        # :class:`Group` runs each group of rows on a routed cache of its own (which then holds the K/V).
+        self.groups: list | None = None
         # One view per slot, made once: the executor hands them to the blocks on every step.
         self.views = [SlotView(self, i) for i in range(len(slot_layers))]
 
@@ -71,12 +75,28 @@ class RoutedCache(Cache):
             for second, plan in enumerate(passes):
                 yield self.slot(block, bool(second)), plan
 
+    def holders(self) -> list["RoutedCache"]:
+        """The routed caches holding this sequence's K/V: its groups' once grouped, else itself."""
+        return [group.cache for group in self.groups] if self.groups else [self]
+
     def filled(self) -> list:
         """The slot layers that hold K/V of this sequence (a pass no row runs holds none)."""
+        if self.groups:
+            return [layer for cache in self.holders() for layer in cache.filled()]
         if self.plan is None:
             return [layer for layer in self.layers if layer.is_initialized]
         return [self.layers[s] for s, plan in self.slot_plans() if plan.mode != Rows.NONE
                 and self.layers[s].is_initialized]
+
+    def rows(self, index: torch.Tensor) -> "RoutedCache":
+        """A routed cache of the rows ``index`` of this one, with their decisions and a copy of their K/V; this
+        cache is unchanged."""
+        # Deep-copied with every slot's K/V shared (the memo maps them to themselves) until remap_rows selects.
+        shared = {id(t): t for layer in self.layers for t in (getattr(layer, "keys", None),
+                                                              getattr(layer, "values", None)) if t is not None}
+        new = copy.deepcopy(self, shared)
+        new.remap_rows(index)
+        return new
 
     # -- what transformers asks of a cache ---------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -91,17 +111,14 @@ class RoutedCache(Cache):
                 return layer.get_mask_sizes(query_length)
         return asked.get_mask_sizes(query_length)
 
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (transformers >= 5.24); a positive value is the length to
         keep (earlier versions). Slots no row fills are left alone."""
         remove = tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove - self.seen_tokens, 0)
         for layer in self.filled():
             layer.crop(remove)
-        self.seen_tokens += remove
+        for cache in {id(c): c for c in [self, *self.holders()]}.values():
+            cache.seen_tokens += remove
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Beam search: new row ``r`` continues old row ``beam_idx[r]``, with that row's frozen path."""
@@ -133,6 +150,10 @@ class RoutedCache(Cache):
             raise IndexError(f"row indices {rows.tolist()} out of range for a cache of {old_batch} rows")
         decisions = self.decisions.index_select(0, rows)
         plan = replan(decisions, self.plan)
+        if self.groups:  # each group's cache maps its own rows (rows of one group come from rows of that group)
+            self._remap_groups(rows, old_batch)
+            self.decisions, self.plan = decisions, plan
+            return
         everyone_old, everyone_new = torch.arange(old_batch), torch.arange(rows.numel())
         for (slot, old), (_, new) in zip(list(self.slot_plans()), _slot_plans(self, plan)):
             layer = self.layers[slot]
@@ -152,9 +173,31 @@ class RoutedCache(Cache):
             _select_rows(layer, mapping)
         self.decisions, self.plan = decisions, plan
 
+    def _remap_groups(self, rows: torch.Tensor, old_batch: int) -> None:
+        owner, local = torch.empty(old_batch, dtype=torch.int64), torch.empty(old_batch, dtype=torch.int64)
+        for g, group in enumerate(self.groups):
+            held = group.rows.cpu()
+            owner[held], local[held] = g, torch.arange(held.numel())
+        kept = []
+        for g, group in enumerate(self.groups):
+            new_rows = torch.nonzero(owner[rows] == g).flatten()
+            if new_rows.numel():
+                group.cache.remap_rows(local[rows[new_rows]])
+                kept.append(Group(new_rows.to(group.rows.device), group.cache, group.path))
+        self.groups = kept
+
     def reset(self):
         super().reset()
-        self.decisions, self.plan, self.seen_tokens = None, None, 0
+        self.decisions, self.plan, self.seen_tokens, self.groups = None, None, 0, None
+
+
+@dataclass
+class Group:
+    """Rows of a batch decoded together on a routed cache of their own (:mod:`.grouping`)."""
+
+    rows: torch.Tensor  # [n] int64, on the model's device: the group's rows of the batch, ascending
+    cache: RoutedCache  # those rows' K/V, decisions and plans
+    path: tuple | None  # the path every row of the group follows; None for rows of several paths
 
 
 def _slot_plans(cache: RoutedCache, plan: list):
@@ -168,6 +211,10 @@ def _select_rows(layer, mapping: torch.Tensor) -> None:
     layer.reorder_cache(mapping)
     if hasattr(layer, "max_batch_size"):
         layer.max_batch_size = mapping.numel()
+    if getattr(layer, "is_compileable", False) and isinstance(getattr(layer, "keys", None), torch.Tensor):
+        # new tensors: keep them at fixed addresses for compiled steps (CUDA graphs), as their first allocation was
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
 
 
 def routed_cache(cache) -> RoutedCache | None:

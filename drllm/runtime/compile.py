@@ -1,4 +1,4 @@
-"""Compiled decoding of a patched model: the decoder blocks under torch.compile (regional compilation)."""
+"""Compiled decoding of a patched model: whole-step graphs per path, the decoder blocks (regional) for the rest."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .adapters import describe
+from .path_graphs import DEFAULT_CAPACITY, PathGraphs
 from .state import require_state
 
 # Every model compiled this way shares one code object (decode_block), and with it dynamo's
@@ -13,16 +14,21 @@ from .state import require_state
 RECOMPILE_LIMIT = 64
 
 
-def compile_model(model: nn.Module, **options) -> nn.Module:
-    """Compile the decoder blocks of a patched ``model`` for decoding (regional compilation); returns it.
+def compile_model(model: nn.Module, path_graphs: int = DEFAULT_CAPACITY, **options) -> nn.Module:
+    """Compile a patched ``model`` for decoding; returns it.
 
-    Public as ``drllm.compile``. One ``torch.compile`` of the block class's
-    ``forward`` serves every block, pass and path: parameters and cache slots
-    are inputs of the graph, so the graphs compiled depend on the batch and
-    cache kinds, never on the paths (there are 3^L of them), and a prompt with
-    a new path compiles nothing. Decode steps run the compiled blocks; the
-    prefill (whole prompts of any length, and the routers) and the routing
-    between blocks stay eager. ``options`` go to ``torch.compile`` (e.g.
+    Public as ``drllm.compile``. A decode step on a static cache whose rows
+    share one frozen path (or a group of rows that do, see
+    :mod:`drllm.runtime.grouping`) runs that path's whole-step graph: the
+    step compiled as one graph, as compiled vanilla is, kept per path in an
+    LRU of ``path_graphs`` paths (0: none;
+    :mod:`drllm.runtime.path_graphs`). Every other decode step runs the
+    blocks compiled (regional compilation): one ``torch.compile`` of the
+    block class's ``forward`` serves every block, pass and path, since
+    parameters and cache slots are inputs of the graph, so a prompt with a
+    new path compiles nothing there. The prefill (whole prompts of any
+    length, and the routers) and the routing between regional blocks stay
+    eager. ``options`` go to ``torch.compile`` (e.g.
     ``mode="reduce-overhead"`` for CUDA graphs). Compiling the whole model
     (``torch.compile(model.forward)``, or transformers' own compilation for
     static caches) also works: the routed forward is left to run eagerly
@@ -40,6 +46,7 @@ def compile_model(model: nn.Module, **options) -> nn.Module:
         raise ValueError("drllm.compile needs every decoder block to be of one class")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     state.compiled = torch.compile(decode_block, **{"fullgraph": True, **options})
+    state.graphs = PathGraphs(options, path_graphs) if path_graphs else None
     return model
 
 

@@ -33,6 +33,7 @@ from ..paths import as_paths
 from .adapters import cache_kwarg
 from .cache import RoutedCache, attach, routed_cache
 from .executor import Call, running
+from .grouping import continue_step
 from .plan import EVERY_ROW, prefix_plan
 from .state import RoutingState, Settings, remember, settings_of
 
@@ -186,7 +187,8 @@ def routed_forward(base: nn.Module, original, state: RoutingState, *args,
     generation = generation_of(state)
     given = kwargs.get(name)
     cache = routed_cache(given) if given is not None else None
-    if cache is not None and cache.decisions is not None:  # continue the sequence on its frozen decisions
+    continuing = cache is not None and cache.decisions is not None
+    if continuing:  # continue the sequence on its frozen decisions
         if cache.decisions.shape[0] != batch:
             raise ValueError(f"the cache holds {cache.decisions.shape[0]} rows but the input has {batch}")
         check_attentions(kwargs, base.config, bool((cache.decisions == 1).all()))
@@ -224,8 +226,11 @@ def routed_forward(base: nn.Module, original, state: RoutingState, *args,
     call.cache = cache
     if cache is not None:
         kwargs[name] = cache
-    with running(call):
-        out = original(**kwargs)
+    if continuing:  # a decode step: grouped by path, a path's whole-step graph, or the executor
+        out = continue_step(base, original, state, call, kwargs, name, length)
+    else:
+        with running(call):
+            out = original(**kwargs)
     if cache is not None:
         cache.decisions, cache.plan = call.decisions, call.plan
         cache.seen_tokens += length

@@ -54,6 +54,7 @@ class RoutingState:
     devices: tuple = ()  # per block: its accelerate execution device, or None
     saved: list = field(default_factory=list)  # (module, attribute, instance value before the patch or ABSENT)
     compiled: object = None  # the blocks' class forward under torch.compile (drllm.compile), for decode steps
+    graphs: object = None  # whole-step graphs per (path, batch) (drllm.compile, path_graphs.PathGraphs), or None
     borrowers: int = 0  # forced_paths/observe blocks using a temporary patch (0: patched by the user)
 
     def own_forward(self, module: nn.Module) -> bool:
