@@ -31,6 +31,11 @@ from .plan import Rows, replan
 ATTACHED = "_drllm_routed_cache"  # attribute of a caller's cache object: the routed cache it stands for
 
 
+def slot_of(block: int, second_pass: bool, num_blocks: int) -> int:
+    """The slot of one (block, pass) in a routed cache of ``num_blocks`` blocks: the one place that says so."""
+    return block + num_blocks if second_pass else block
+
+
 class RoutedCache(Cache):
     """A transformers ``Cache`` whose layers are (block, pass) slots."""
 
@@ -63,7 +68,7 @@ class RoutedCache(Cache):
 
     def slot(self, block: int, second_pass: bool) -> int:
         """The slot of one (block, pass)."""
-        return block + self.num_blocks if second_pass else block
+        return slot_of(block, second_pass, self.num_blocks)
 
     def view(self, block: int, second_pass: bool) -> "SlotView":
         """What the block sees as its cache on that pass."""

@@ -38,6 +38,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .adapters import cache_kwarg
+from .cache import slot_of
 from .state import STATE_ATTR
 
 DEFAULT_CAPACITY = 32  # paths whose graphs a model keeps; the budget routers' vocabulary is a few paths per budget
@@ -45,7 +46,8 @@ DEFAULT_CAPACITY = 32  # paths whose graphs a model keeps; the budget routers' v
 
 def path_slots(path: tuple, num_blocks: int) -> list[tuple[int, int]]:
     """``(block, slot)`` of each pass of ``path`` in execution order (slot ``L + i``: the repeat of block ``i``)."""
-    return [(block, block + num_blocks * second) for block, decision in enumerate(path) for second in range(decision)]
+    return [(block, slot_of(block, bool(second), num_blocks)) for block, decision in enumerate(path)
+            for second in range(decision)]
 
 
 class PassBlock(nn.Module):
