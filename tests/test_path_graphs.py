@@ -8,6 +8,7 @@ the checks are on what was really compiled. No timings here (see
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -161,6 +162,75 @@ def test_evicted_path_graphs_are_freed():
         decode(model, ids, mask, n=2)
     assert list(require_state(model).graphs.graphs) == [tuple(B)]
     del first
+    gc.collect()
+    assert len(built) == 1, "only the graph of the path kept in the LRU is alive"
+
+
+@torch.no_grad()
+def test_path_graph_evicted_while_running_is_released_by_its_last_user():
+    """An LRU of one path: a thread runs path A's graph while the main thread decodes path B, evicting A. A's graph
+    must stay whole until that run ends (released under it, the run would recompile onto a code object no LRU
+    holds), decode as eager decoding does, and go then."""
+    timeout = 120  # seconds; every wait is bounded so a bug fails instead of hanging
+    entered, resume = threading.Event(), threading.Event()
+    built = weakref.WeakSet()
+
+    def backend(gm, example_inputs):
+        built.add(gm)
+
+        def run(*args):  # the worker's first call of its graph (path A's) waits inside the graph for the main thread
+            if threading.current_thread() is worker and not entered.is_set():
+                entered.set()
+                if not resume.wait(timeout):
+                    raise TimeoutError("the main thread never resumed the worker")
+            return gm.forward(*args)
+        return run
+
+    eager = drllm.patch(tiny_model("llama", seed=5))
+    model = drllm.patch(tiny_model("llama", seed=5))
+    drllm.compile(model, path_graphs=1, backend=backend)
+    graphs = require_state(model).graphs
+    ids, mask = random_batch(1, 6, seed=1)
+    with drllm.forced_paths(eager, [A]):
+        want, want_logits, _ = decode(eager, ids, mask, n=2)
+    result = {}
+
+    def decode_a():
+        try:
+            with torch.no_grad(), drllm.forced_paths(model, [A]):
+                result["out"] = decode(model, ids, mask, n=2)  # one decode step: one call of A's graph
+        except BaseException as error:  # noqa: BLE001 -- reported by the main thread
+            result["error"] = error
+        finally:
+            entered.set()
+
+    worker = threading.Thread(target=decode_a, daemon=True)
+    worker.start()
+    try:
+        assert entered.wait(timeout), "the worker never reached A's graph"
+        assert "error" not in result, result.get("error")
+        with graphs.lock:
+            running = graphs.graphs[tuple(A)]
+        code = running.function.__code__
+        with drllm.forced_paths(model, [B]):
+            decode(model, ids, mask, n=2)
+        assert list(graphs.graphs) == [tuple(B)], "B evicted A"
+        assert running.evicted and running.users == 1
+        assert torch._dynamo.eval_frame._debug_get_cache_entry_list(code), "A's graph was released under its run"
+        gc.collect()
+        assert len(built) == 2
+    finally:
+        resume.set()
+        worker.join(timeout)
+    assert not worker.is_alive(), "the worker did not finish"
+    assert "error" not in result, result.get("error")
+    got, logits, _ = result["out"]
+    assert torch.equal(got, want)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert running.users == 0
+    assert not torch._dynamo.eval_frame._debug_get_cache_entry_list(code), "A's last user released its graph"
+    assert list(graphs.graphs) == [tuple(B)]
+    del running
     gc.collect()
     assert len(built) == 1, "only the graph of the path kept in the LRU is alive"
 

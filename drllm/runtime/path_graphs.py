@@ -143,7 +143,12 @@ def _own_function(fn, name: str):
 
 
 class PathGraph:
-    """The compiled decode step of one path: the path's view and its own compiled step function."""
+    """The compiled decode step of one path: the path's view and its own compiled step function.
+
+    ``users`` (threads inside :attr:`step`) and ``evicted`` are kept under
+    :attr:`PathGraphs.lock`: an evicted graph is released only once no thread
+    runs it.
+    """
 
     def __init__(self, base: nn.Module, path: tuple, options: dict):
         self.slots = [slot for _, slot in path_slots(path, len(base.layers))]
@@ -151,6 +156,8 @@ class PathGraph:
         digest = hashlib.sha1(bytes(path)).hexdigest()[:12]
         self.function = _own_function(decode_step, f"drllm_step_{digest}")
         self.step = torch.compile(self.function, **options)
+        self.users = 0
+        self.evicted = False
 
     def release(self) -> None:
         """Drop dynamo's compiled graphs of this path (its cache entries hold them past the function's life)."""
@@ -161,7 +168,10 @@ class PathGraphs:
     """A patched model's whole-step graphs per path, the least recently used evicted beyond ``capacity``.
 
     ``compile_seconds`` holds each path's first call (tracing and compiling
-    included), evicted paths too. Thread-safe; a deep copy of the model
+    included), evicted paths too. Thread-safe: steps run outside
+    :attr:`lock`, so a graph evicted while threads run it (or are about to)
+    is released by the last of them; releasing it earlier would leave them
+    to recompile onto a code object no LRU holds. A deep copy of the model
     starts with none.
     """
 
@@ -182,17 +192,31 @@ class PathGraphs:
             if graph is None:
                 graph = self.graphs[path] = PathGraph(base, path, self.options)
                 while len(self.graphs) > self.capacity:
-                    self.graphs.popitem(last=False)[1].release()
+                    self._evict(self.graphs.popitem(last=False)[1])
             self.graphs.move_to_end(path)
+            graph.users += 1
             first = path not in self.compile_seconds
-        kwargs = fixed_shapes(kwargs, routed)
-        kwargs[cache_name] = PathCache(routed, graph.slots)
-        start = time.perf_counter()
-        out = graph.step(graph.view, kwargs)
+        try:
+            kwargs = fixed_shapes(kwargs, routed)
+            kwargs[cache_name] = PathCache(routed, graph.slots)
+            start = time.perf_counter()
+            out = graph.step(graph.view, kwargs)
+        finally:
+            with self.lock:
+                graph.users -= 1
+                if graph.evicted and graph.users == 0:
+                    graph.release()
         if first:
             with self.lock:
                 self.compile_seconds.setdefault(path, time.perf_counter() - start)
         return out
+
+    @staticmethod
+    def _evict(graph: PathGraph) -> None:
+        """Mark ``graph`` (already out of the LRU) evicted; release it now if idle, else its last user will."""
+        graph.evicted = True
+        if graph.users == 0:
+            graph.release()
 
     def __deepcopy__(self, memo):
         return PathGraphs(self.options, self.capacity)
