@@ -55,13 +55,38 @@ def test_bench_command_end_to_end_writes_json(tmp_path, capsys, monkeypatch):
     _check_targets(data, {"routing_overhead_T32", "all_execute_vs_vanilla_eager", "fixed_path_share_of_ideal_eager"})
 
 
-def test_bench_throughput_and_grouping_suites():
-    """Throughput on the budget routers' paths (eager and compiled, dynamo's eager backend here) and the grouping
-    crossover, with their targets."""
+@pytest.fixture(scope="module")
+def tokenizer_dir(tok, tmp_path_factory):
+    """The tiny tokenizer saved where ``BenchConfig.tokenizer`` can load it."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_prompt_batches_are_left_padded_task_questions_or_random_tokens(tok, tokenizer_dir):
+    from drllm.tasks.data import load_task
+
+    model = random_model("tiny")
+    cfg = BenchConfig(tokenizer=tokenizer_dir, task="arc_easy")
+    ids, mask = workload.prompt_batch(model, cfg, 5, seed=3)
+    assert ids.shape == mask.shape and ids.shape[0] == 5
+    assert mask[:, -1].all() and not mask.all(), "left padding: every row ends on a token, some rows are shorter"
+    questions = {f"Question: {e.question}\nAnswer:" for e in load_task("arc_easy")}
+    texts = [tok.decode(row[m.bool()]) for row, m in zip(ids, mask)]
+    assert all(text in questions for text in texts) and len(set(texts)) == 5
+    assert torch.equal(workload.prompt_batch(model, cfg, 5, seed=3)[0], ids), "a seed gives the same batch"
+    assert not torch.equal(workload.prompt_batch(model, cfg, 5, seed=4)[0], ids)
+    ids, mask = workload.prompt_batch(model, BenchConfig(prompt_length=7), 3, seed=0)
+    assert ids.shape == (3, 7) and mask.all() and (ids > 0).all()
+
+
+def test_bench_throughput_and_grouping_suites(tokenizer_dir):
+    """Throughput on the budget routers' paths (eager and compiled, dynamo's eager backend here; the prompts left
+    padded task questions) and the grouping crossover, with their targets."""
     model = random_model("tiny")
     cfg = BenchConfig(suites=("throughput", "grouping"), repeats=1, batch_sizes=(1, 5), throughput_tokens=3,
                       prompt_length=6, policy_tokens=2, grouping_batch=4, grouping_rows=(1, 2), warmup=False,
-                      compile_backend="eager")
+                      compile_backend="eager", tokenizer=tokenizer_dir)
     data = run_bench(model, cfg, log=lambda *a: None)
     rows = data["suites"]["throughput"]
     assert [(r["batch"], r["mode"]) for r in rows] == [(1, "eager"), (1, "compiled"), (5, "eager"), (5, "compiled")]

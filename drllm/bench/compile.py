@@ -24,7 +24,7 @@ import torch
 from ..runtime.state import require_state
 from .config import BenchConfig
 from .timing import interleaved, self_noise
-from .workload import budget_routers, evenly_skipped_path, random_tokens, vocabulary
+from .workload import budget_routers, evenly_skipped_path, generate_exactly, prompt_batch, vocabulary
 
 
 def compile_options(cfg: BenchConfig) -> dict:
@@ -63,12 +63,10 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
     L = model.config.num_hidden_layers
     n = cfg.compile_tokens
     options = compile_options(cfg)
-    ids = random_tokens(model, 1, cfg.prompt_length, cfg.seed)
+    ids, mask = prompt_batch(model, cfg, 1, cfg.seed)
 
     def generate(m):
-        with torch.no_grad():
-            return m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0, cache_implementation="static", disable_compile=True)
+        return generate_exactly(m, ids, n, static=True, mask=mask)
 
     vanilla = copy.deepcopy(model)
     vanilla.forward = torch.compile(vanilla.forward, **options)

@@ -52,6 +52,8 @@ class BenchConfig:
     compile_tokens: int = 64
     compile_mode: str | None = None  # torch.compile mode of suites compile and throughput ("reduce-overhead": CUDA graphs)
     compile_backend: str | None = None  # torch.compile backend of those suites (None: inductor; tests use "eager")
+    tokenizer: str | None = None  # suites throughput and compile: prompts are cfg.task's questions (None: random tokens)
+    task: str = "arc_easy"
     routers: str | None = None  # BudgetRouters directory (`drllm train --budget`); None: a stand-in (workload.py)
     budget: int = 8  # blocks the budget routers skip per row
     grouping_batch: int = 16  # suite grouping: batch split between two paths

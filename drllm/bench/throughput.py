@@ -1,5 +1,6 @@
 """Suite ``throughput``: generated tokens per second against batch size, on the budget routers' own paths, eager and
-compiled, against the union bound.
+compiled, against the union bound. Prompts are validation questions when the model has a tokenizer
+(:func:`~drllm.bench.workload.prompt_batch`), so the routers pick as they would in use.
 
 Each row's path is what the budget routers (:func:`~drllm.bench.workload.budget_routers`) pick for its prompt at
 the prefill; decode steps then run the rows grouped by path (:mod:`drllm.runtime.grouping`), each group on its
@@ -20,7 +21,7 @@ import torch
 from .compile import compile_options, graphs_compiled
 from .config import BenchConfig
 from .timing import interleaved, variant
-from .workload import budget_routers, generate_exactly, path_statistics, random_tokens, union_passes, unpatched
+from .workload import budget_routers, generate_exactly, path_statistics, prompt_batch, union_passes, unpatched
 
 
 @contextlib.contextmanager
@@ -52,9 +53,9 @@ def bench_throughput(model, cfg: BenchConfig, log=print) -> list[dict]:
     rows = []
     try:
         for B in cfg.batch_sizes:
-            ids = random_tokens(model, B, cfg.prompt_length, cfg.seed + B)
-            eager = lambda ids=ids: generate_exactly(model, ids, n)  # noqa: E731
-            static = lambda m, ids=ids: lambda: generate_exactly(m, ids, n, static=True)  # noqa: E731
+            ids, mask = prompt_batch(model, cfg, B, cfg.seed + B)
+            eager = lambda ids=ids, mask=mask: generate_exactly(model, ids, n, mask=mask)  # noqa: E731
+            static = lambda m, ids=ids, mask=mask: lambda: generate_exactly(m, ids, n, static=True, mask=mask)  # noqa: E731
             variants = {
                 "vanilla eager": variant(eager, lambda: contextlib.nullcontext(unpatched(model))),
                 "routed eager": variant(eager, lambda: budget_routed(model, routers, budget)),

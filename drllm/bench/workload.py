@@ -1,9 +1,10 @@
-"""What the suites run: random prompts, forced paths (evenly spread skips, paper-statistics samples), and the
-model as vanilla or patched for the duration of a variant."""
+"""What the suites run: prompts (ARC-Easy questions, or random tokens), forced paths (evenly spread skips,
+paper-statistics samples), and the model as vanilla or patched for the duration of a variant."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -98,13 +99,46 @@ def random_tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=g).to(model.device)
 
 
-def generate_exactly(model, ids: torch.Tensor, new_tokens: int, static: bool = False):
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``ids`` (``static``: on a static cache, with
-    transformers' own compilation off, as compiled models are timed)."""
+@functools.lru_cache(maxsize=4)
+def _questions(tokenizer_path: str, task: str) -> tuple:
+    """Token ids of every question of ``task`` (its default split) as the budget routers read it (the cloze
+    context)."""
+    from transformers import AutoTokenizer
+
+    from ..tasks.data import load_task
+    from ..tasks.prompts import cloze_context, encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return tuple(tuple(encode_prompt(tokenizer, cloze_context(e, tokenizer, style="plain"), cloze=True))
+                 for e in load_task(task))
+
+
+def prompt_batch(model, cfg, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of ``batch`` prompts on the model's device: with ``cfg.tokenizer``, a seeded draw of
+    ``cfg.task``'s questions, left-padded (the text the routers decide on, so their picks are real);
+    else random tokens of ``cfg.prompt_length``."""
+    from ..batching import pad_batch
+
+    if not cfg.tokenizer:
+        ids = random_tokens(model, batch, cfg.prompt_length, seed)
+        return ids, torch.ones_like(ids)
+    questions = _questions(cfg.tokenizer, cfg.task)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(questions), generator=g)[:batch].tolist()
+    if len(picks) < batch:
+        raise ValueError(f"{cfg.task} has {len(questions)} questions, fewer than a batch of {batch}")
+    ids, mask = pad_batch([questions[i] for i in picks], 0, left=True)
+    return ids.to(model.device), mask.to(model.device)
+
+
+def generate_exactly(model, ids: torch.Tensor, new_tokens: int, static: bool = False, mask: torch.Tensor | None = None):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``ids`` (``mask``: its padding mask, default
+    none; ``static``: on a static cache, with transformers' own compilation off, as compiled models are timed)."""
     extra = dict(cache_implementation="static", disable_compile=True) if static else {}
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              **extra)
 
 
 def unpatched(model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..eval.report import format_table
+from ..tasks.data import TASKS
 from .common import UsageError, add_json_arg, add_model_args, load_model_from_args, write_json_atomic
 
 RANDOM_PREFIX = "random:"
@@ -30,6 +31,8 @@ def add_parser(subparsers) -> None:
                    help="suites throughput and compile: budget routers (drllm train --budget) whose paths are decoded "
                    "(default: a stand-in with a vocabulary of three evenly spread skip sets)")
     p.add_argument("--budget", type=int, default=None, help="suites throughput and compile: blocks the routers skip")
+    p.add_argument("--task", default="arc_easy", choices=TASKS,
+                   help="suites throughput and compile: whose questions are the prompts (default: arc_easy)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of each variant (median taken)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on the CPU: 1, which keeps timings steady on a shared machine; "
@@ -46,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 
 def load(args):
-    """The model to benchmark: ``random:<config>`` or whatever ``--model`` loads."""
+    """``(model, tokenizer path)`` to benchmark: ``random:<config>`` (no tokenizer) or whatever ``--model`` loads."""
     import torch
 
     if args.model.startswith(RANDOM_PREFIX):
@@ -54,8 +57,9 @@ def load(args):
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        return random_model(args.model[len(RANDOM_PREFIX):], device=device, dtype=dtype)
-    return load_model_from_args(args)[0]
+        return random_model(args.model[len(RANDOM_PREFIX):], device=device, dtype=dtype), None
+    model, tokenizer = load_model_from_args(args)
+    return model, tokenizer.name_or_path
 
 
 def run(args) -> int:
@@ -68,13 +72,13 @@ def run(args) -> int:
     overrides = {"repeats": args.repeats, "prefill_lengths": args.prefill_lengths, "gen_tokens": args.gen_tokens,
                  "batch_sizes": args.batch_sizes, "throughput_tokens": args.tokens, "policy_tokens": args.tokens,
                  "policy_batches": args.policy_batches, "prompt_length": args.prompt_length, "routers": args.routers,
-                 "budget": args.budget}
+                 "budget": args.budget, "task": args.task}
     if args.suites:
         overrides["suites"] = tuple(s.strip() for s in args.suites.split(",") if s.strip())
         unknown = set(overrides["suites"]) - set(SUITES)
         if unknown:
             raise UsageError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from {', '.join(SUITES)}")
-    model = load(args)
+    model, overrides["tokenizer"] = load(args)
     if model.device.type == "cpu" and args.threads != 0:
         torch.set_num_threads(args.threads or 1)
     cfg = BenchConfig.for_run(args.quick, model.device, **overrides)
