@@ -52,7 +52,8 @@ def test_path_graph_decoding_equals_eager(models, paths):
         got, logits, cache = decode(compiled, ids, mask)
     assert torch.equal(got, want)
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
-    assert set(require_state(compiled).graphs.compile_seconds) >= {tuple(p) for p in paths}, "the graphs ran"
+    level = "model" if len(paths) == 1 else "decoder"  # one path: the whole model's graph; groups: the decoder's
+    assert set(require_state(compiled).graphs.compile_seconds) >= {(tuple(p), level) for p in paths}, "graphs ran"
     if len(paths) > 1:
         assert [g.path for g in cache.groups] == [tuple(A), tuple(B)]
 
@@ -74,10 +75,12 @@ def test_warm_vocabulary_paths_compile_nothing():
         path[skip] = 0
     previous = set_group_policy(min_rows=1)  # every path its own group: only path graphs decode
     try:
-        for path in vocabulary:  # warm-up: each path at batch 1, then two batch sizes (a graph for every size)
-            for rows in (1, 2, 3):
-                ids, mask = random_batch(rows, 9, seed=rows)
-                with drllm.forced_paths(model, [path] * rows):
+        # warm-up: each path at batch 1, then two batch sizes (a graph for every size), as the whole batch (the
+        # model's graph) and as a group of a mixed batch (the decoder's graph)
+        for rows in (1, 2, 3):
+            for paths in [[path] * rows for path in vocabulary] + [[p for p in vocabulary for _ in range(rows)]]:
+                ids, mask = random_batch(len(paths), 9, seed=rows)
+                with drllm.forced_paths(model, paths):
                     decode(model, ids, mask)
         warm = counter.frame_count
         assert warm > 0
@@ -157,10 +160,10 @@ def test_evicted_path_graphs_are_freed():
         decode(model, ids, mask, n=2)
     gc.collect()
     first = set(built)
-    assert first and list(require_state(model).graphs.graphs) == [tuple(A)]
+    assert first and list(require_state(model).graphs.graphs) == [(tuple(A), "model")]
     with drllm.forced_paths(model, [B]):
         decode(model, ids, mask, n=2)
-    assert list(require_state(model).graphs.graphs) == [tuple(B)]
+    assert list(require_state(model).graphs.graphs) == [(tuple(B), "model")]
     del first
     gc.collect()
     assert len(built) == 1, "only the graph of the path kept in the LRU is alive"
@@ -210,11 +213,11 @@ def test_path_graph_evicted_while_running_is_released_by_its_last_user():
         assert entered.wait(timeout), "the worker never reached A's graph"
         assert "error" not in result, result.get("error")
         with graphs.lock:
-            running = graphs.graphs[tuple(A)]
+            running = graphs.graphs[(tuple(A), "model")]
         code = running.function.__code__
         with drllm.forced_paths(model, [B]):
             decode(model, ids, mask, n=2)
-        assert list(graphs.graphs) == [tuple(B)], "B evicted A"
+        assert list(graphs.graphs) == [(tuple(B), "model")], "B evicted A"
         assert running.evicted and running.users == 1
         assert torch._dynamo.eval_frame._debug_get_cache_entry_list(code), "A's graph was released under its run"
         gc.collect()
@@ -229,7 +232,7 @@ def test_path_graph_evicted_while_running_is_released_by_its_last_user():
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
     assert running.users == 0
     assert not torch._dynamo.eval_frame._debug_get_cache_entry_list(code), "A's last user released its graph"
-    assert list(graphs.graphs) == [tuple(B)]
+    assert list(graphs.graphs) == [(tuple(B), "model")]
     del running
     gc.collect()
     assert len(built) == 1, "only the graph of the path kept in the LRU is alive"

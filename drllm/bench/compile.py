@@ -115,7 +115,7 @@ def bench_compile(model, cfg: BenchConfig, log=print) -> list[dict]:
                "compile_s": max(0.0, first[name]["median"] - t), "samples": res[name]["all"]}
         path = decided if name == "routers" else paths.get(name)
         if path is not None:  # the path's whole-step graph: its first call, tracing and compiling
-            row["graph_compile_s"] = compile_seconds.get(tuple(path.tolist()))
+            row["graph_compile_s"] = compile_seconds.get((tuple(path.tolist()), "model"))
         rows.append(row)
         log(f"  compiled {name}: x{row['ratio']:.3f} of compiled vanilla ({1e3 * v / n:.1f} ms/token), blocks {blocks}, "
             f"ideal x{ideal:.3f}, {100 * row['of_ideal_speedup']:.1f}% of ideal speedup")

@@ -33,11 +33,11 @@ from ..paths import as_paths
 from .adapters import cache_kwarg
 from .cache import RoutedCache, attach, routed_cache
 from .executor import Call, running
-from .grouping import continue_step
+from .grouping import continue_step, model_step
 from .plan import EVERY_ROW, prefix_plan
 from .state import RoutingState, Settings, remember, settings_of
 
-# The decisions of the routed forwards run inside one top-level call (see :func:`with_paths`).
+# The decisions of the routed forwards run inside one top-level call (see :func:`forward_with_paths`).
 _DECIDED: ContextVar[list | None] = ContextVar("drllm_decided", default=None)
 
 
@@ -78,14 +78,10 @@ def attach_paths(out, decisions: torch.Tensor):
     return out
 
 
-def with_paths(forward):
-    """A top-level ``forward`` whose output carries the decisions of the last routed forward it ran; an
-    enclosing call gets them too. It keeps ``forward``'s signature (transformers reads it)."""
-    return functools.update_wrapper(functools.partial(forward_with_paths, forward), forward)
-
-
 @torch.compiler.disable
 def forward_with_paths(forward, *args, **kwargs):
+    """``forward``'s output carrying the decisions of the last routed forward it ran; an enclosing call gets them
+    too."""
     outer, decided = _DECIDED.get(), []
     token = _DECIDED.set(decided)
     try:
@@ -146,6 +142,52 @@ def per_row(forced: torch.Tensor, batch: int, generation: Generation | None) -> 
     return forced
 
 
+def routed_top_forward(top: nn.Module, base: nn.Module, state: RoutingState):
+    """The patched top-level (CausalLM) forward: on a compiled model, a decode step of a batch on one frozen path
+    runs as that path's whole-model graph, the head included (:func:`~.grouping.model_step`); every other call
+    runs ``top``'s forward, its paths returned (:func:`forward_with_paths`)."""
+    forward = top.forward
+    return functools.update_wrapper(functools.partial(top_forward, top, base, state, forward), forward)
+
+
+@torch.compiler.disable
+def top_forward(top: nn.Module, base: nn.Module, state: RoutingState, forward, *args, **kwargs):
+    if state.graphs is not None:
+        out = _graph_step(top, base, state, args, kwargs)
+        if out is not None:
+            return out
+    return forward_with_paths(forward, *args, **kwargs)
+
+
+def _graph_step(top: nn.Module, base: nn.Module, state: RoutingState, args: tuple, kwargs: dict):
+    """A decode step of ``top`` as a whole-model path graph, or None when it is not one."""
+    kwargs = _bound(type(top), args, kwargs)
+    _, name, _ = forward_signature(type(top))
+    given = kwargs.get(name)
+    cache = routed_cache(given) if given is not None else None
+    tokens = kwargs.get("input_ids")
+    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    if (cache is None or cache.decisions is None or tokens is None or tokens.shape[0] != cache.decisions.shape[0]
+            or settings_of(state).observer is not None):
+        return None
+    kwargs[name] = cache
+    out = model_step(top, base, state, cache, kwargs, name, tokens.shape[1])
+    if out is None:
+        return None
+    cache.seen_tokens += tokens.shape[1]
+    return _finished(state, out, cache.decisions)
+
+
+def _finished(state: RoutingState, out, decisions: torch.Tensor):
+    """``out`` of a forward that ran ``decisions``: remembered for :func:`drllm.last_paths`, given to an enclosing
+    call, attached as ``out.paths``."""
+    remember(state, decisions)
+    decided = _DECIDED.get()
+    if decided is not None:
+        decided.append(decisions)
+    return attach_paths(out, decisions)
+
+
 @functools.lru_cache(maxsize=None)
 def forward_signature(cls: type) -> tuple[inspect.Signature, str, str | None]:
     """The class's forward signature without ``self``, its cache keyword and its ``**kwargs`` name."""
@@ -153,6 +195,16 @@ def forward_signature(cls: type) -> tuple[inspect.Signature, str, str | None]:
     parameters = list(signature.parameters.values())[1:]
     var_kw = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     return signature.replace(parameters=parameters), cache_kwarg(cls.forward), var_kw
+
+
+def _bound(cls: type, args: tuple, kwargs: dict) -> dict:
+    """A forward's arguments by name, per ``cls.forward``'s signature (an instance hook, e.g. accelerate's, may hide
+    it), its ``**kwargs`` merged in."""
+    signature, _, var_kw = forward_signature(cls)
+    kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+    if var_kw is not None:
+        kwargs.update(kwargs.pop(var_kw, {}))
+    return kwargs
 
 
 def routed_model_forward(base: nn.Module, original, state: RoutingState):
@@ -163,11 +215,8 @@ def routed_model_forward(base: nn.Module, original, state: RoutingState):
 @torch.compiler.disable
 def routed_forward(base: nn.Module, original, state: RoutingState, *args,
                    routing_mask: torch.Tensor | None = None, **kwargs):
-    # the class's signature: an instance hook (accelerate) may hide it
-    signature, name, var_kw = forward_signature(type(base))
-    kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
-    if var_kw is not None:
-        kwargs.update(kwargs.pop(var_kw, {}))
+    kwargs = _bound(type(base), args, kwargs)
+    _, name, _ = forward_signature(type(base))
     if name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated spelling
         legacy = kwargs.pop("past_key_values")
         if kwargs.get(name) is None:
@@ -234,13 +283,9 @@ def routed_forward(base: nn.Module, original, state: RoutingState, *args,
     if cache is not None:
         cache.decisions, cache.plan = call.decisions, call.plan
         cache.seen_tokens += length
-    remember(state, call.decisions)
     if generation is not None and generation.decisions is None:
         generation.decisions = call.decisions
-    decided = _DECIDED.get()
-    if decided is not None:
-        decided.append(call.decisions)
-    return attach_paths(out, call.decisions)
+    return _finished(state, out, call.decisions)
 
 
 def check_attentions(kwargs: dict, config, every_block_once: bool) -> None:

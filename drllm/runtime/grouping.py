@@ -24,7 +24,7 @@ import torch
 
 from .cache import Group, RoutedCache
 from .executor import Call, running
-from .path_graphs import PathCache, fixed_slots
+from .path_graphs import PathCache, child_name, fixed_slots
 
 # A path whose rows number at least this (per device type) runs as a group of its own; the other rows run together
 # on the executor. From `drllm bench --suites grouping` (benchmarks/RESULTS.md).
@@ -91,13 +91,33 @@ def plain_step(kwargs: dict, config, length: int) -> bool:
     return not any(kwargs.get(k, getattr(config, k, False)) for k in ("output_hidden_states", "output_attentions"))
 
 
+def graphs_for(state, observer, cache: RoutedCache, kwargs: dict, config, length: int):
+    """The model's path graphs if this step of ``cache`` can run on them (else None); at a sequence's first decode
+    step, its groups are decided."""
+    if cache.groups is None and length == 1:  # an observer sees every row at each block: no groups then
+        cache.groups = _split(cache, kwargs) if observer is None else []
+    if observer is None and not state.devices and fixed_slots(cache) and plain_step(kwargs, config, length):
+        return state.graphs
+    return None
+
+
+def model_step(top, base, state, cache: RoutedCache, kwargs: dict, name: str, length: int):
+    """A decode step of a batch on one frozen path (no groups) as that path's whole-model graph, the head
+    included (:func:`~.path_graphs.model_view`); None when this step is not one (it then runs as usual)."""
+    if state.graphs is None or child_name(top, base) is None or kwargs.get("labels") is not None:
+        return None
+    graphs = graphs_for(state, None, cache, kwargs, top.config, length)
+    path = _one_path(cache.decisions) if graphs is not None and not cache.groups else None
+    if path is None:
+        return None
+    kwargs.pop("routing_mask", None)  # the routed forward's keyword; the graph has no routing left to do
+    return _path_step(graphs, base, cache, path, kwargs, name, top)
+
+
 def continue_step(base, original, state, call: Call, kwargs: dict, name: str, length: int):
     """Run a forward that continues ``call.cache`` (frozen decisions): grouped, as one path's graph, or as is."""
     cache = call.cache
-    graphs = state.graphs if (call.observer is None and not state.devices and fixed_slots(cache)
-                              and plain_step(kwargs, base.config, length)) else None
-    if cache.groups is None and length == 1:  # an observer sees every row at each block: no groups then
-        cache.groups = _split(cache, kwargs) if call.observer is None else []
+    graphs = graphs_for(state, call.observer, cache, kwargs, base.config, length)
     if cache.groups:
         return _run_groups(base, original, state, call, kwargs, name, graphs)
     path = _one_path(cache.decisions)
@@ -125,8 +145,8 @@ def _split(cache: RoutedCache, kwargs: dict) -> list[Group]:
     return [Group(rows.to(device), cache.rows(rows), path) for rows, path in planned]
 
 
-def _path_step(graphs, base, cache: RoutedCache, path: tuple, kwargs: dict, name: str):
-    out = graphs.run(base, cache, path, kwargs, name)
+def _path_step(graphs, base, cache: RoutedCache, path: tuple, kwargs: dict, name: str, top=None):
+    out = graphs.run(base, cache, path, kwargs, name, top)
     for key, value in list(out.items()):  # the output's cache is the routed cache, not the graph's view of it
         if isinstance(value, (RoutedCache, PathCache)):
             out[key] = cache

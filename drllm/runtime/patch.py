@@ -8,7 +8,7 @@ from ..routing import BudgetRouters, Routers, check_lam
 from ..routing.decide import check_max_skip_run
 from .adapters import cache_kwarg, describe, dispatched_device, unwrap
 from .executor import routed_block
-from .forward import routed_model_forward, with_paths
+from .forward import routed_model_forward, routed_top_forward
 from .generation import routed_generate, with_routing_mask
 from .state import ABSENT, STATE_ATTR, RoutingState, require_state, state_of
 
@@ -61,7 +61,7 @@ def patch(model: nn.Module, routers: Routers | BudgetRouters | None = None, lam:
     _replace(state, base, "forward", routed_model_forward(base, base.forward, state))
     top = unwrap(model)  # a PEFT wrapper calls the transformers model's forward and generate
     if top is not base:
-        _replace(state, top, "forward", with_paths(top.forward))
+        _replace(state, top, "forward", routed_top_forward(top, base, state))
         if hasattr(top, "prepare_inputs_for_generation"):
             _replace(state, top, "prepare_inputs_for_generation", with_routing_mask(top.prepare_inputs_for_generation))
             _replace(state, top, "generate", routed_generate(top, top.generate, state))

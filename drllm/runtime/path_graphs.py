@@ -90,6 +90,21 @@ def path_view(base: nn.Module, path: tuple, cache_name: str) -> nn.Module:
     return view
 
 
+def child_name(top: nn.Module, base: nn.Module) -> str | None:
+    """The attribute of ``top`` holding ``base`` (None: not a direct child)."""
+    return next((key for key, module in top._modules.items() if module is base), None)
+
+
+def model_view(top: nn.Module, base: nn.Module, view: nn.Module) -> nn.Module:
+    """``top`` (the CausalLM) with its decoder ``base`` (a direct child) seen as ``view``: a shallow copy sharing
+    every other module (the head), so a whole-step graph computes the logits too, as compiled vanilla's does."""
+    name = child_name(top, base)
+    copy_ = object.__new__(type(top))
+    copy_.__dict__ = {k: v for k, v in top.__dict__.items() if k != "forward"}
+    copy_._modules = {**top._modules, name: view}
+    return copy_
+
+
 class PathCache(Cache):
     """The cache a whole-step graph sees: the slot layers of one path's passes, in pass order.
 
@@ -150,10 +165,12 @@ class PathGraph:
     runs it.
     """
 
-    def __init__(self, base: nn.Module, path: tuple, options: dict):
+    def __init__(self, base: nn.Module, path: tuple, options: dict, top: nn.Module | None = None):
         self.slots = [slot for _, slot in path_slots(path, len(base.layers))]
         self.view = path_view(base, path, cache_kwarg(type(base.layers[0]).forward))
-        digest = hashlib.sha1(bytes(path)).hexdigest()[:12]
+        if top is not None:
+            self.view = model_view(top, base, self.view)
+        digest = hashlib.sha1(bytes(path) + (b"model" if top is not None else b"")).hexdigest()[:12]
         self.function = _own_function(decode_step, f"drllm_step_{digest}")
         self.step = torch.compile(self.function, **options)
         self.users = 0
@@ -165,10 +182,10 @@ class PathGraph:
 
 
 class PathGraphs:
-    """A patched model's whole-step graphs per path, the least recently used evicted beyond ``capacity``.
+    """A patched model's whole-step graphs per path and level, the least recently used evicted beyond ``capacity``.
 
-    ``compile_seconds`` holds each path's first call (tracing and compiling
-    included), evicted paths too. Thread-safe: steps run outside
+    ``compile_seconds`` holds each graph's first call (tracing and compiling
+    included), keyed as the graphs are, evicted ones too. Thread-safe: steps run outside
     :attr:`lock`, so a graph evicted while threads run it (or are about to)
     is released by the last of them; releasing it earlier would leave them
     to recompile onto a code object no LRU holds. A deep copy of the model
@@ -184,18 +201,21 @@ class PathGraphs:
         self.compile_seconds: dict = {}
         self.lock = threading.Lock()
 
-    def run(self, base: nn.Module, routed, path: tuple, kwargs: dict, cache_name: str):
+    def run(self, base: nn.Module, routed, path: tuple, kwargs: dict, cache_name: str, top: nn.Module | None = None):
         """The decode step of ``path`` over ``kwargs`` (every row on that path), the routed cache's slots given as
-        the path's cache under ``cache_name``; compiled at the first call of its path."""
+        the path's cache under ``cache_name``; compiled at the first call of its path. With ``top`` (see
+        :func:`model_view`), ``kwargs`` are the CausalLM's and the graph computes the logits too; graphs are kept
+        per ``(path, level)``, level ``"model"`` or ``"decoder"``."""
+        key = (path, "decoder" if top is None else "model")
         with self.lock:
-            graph = self.graphs.get(path)
+            graph = self.graphs.get(key)
             if graph is None:
-                graph = self.graphs[path] = PathGraph(base, path, self.options)
+                graph = self.graphs[key] = PathGraph(base, path, self.options, top)
                 while len(self.graphs) > self.capacity:
                     self._evict(self.graphs.popitem(last=False)[1])
-            self.graphs.move_to_end(path)
+            self.graphs.move_to_end(key)
             graph.users += 1
-            first = path not in self.compile_seconds
+            first = key not in self.compile_seconds
         try:
             kwargs = fixed_shapes(kwargs, routed)
             kwargs[cache_name] = PathCache(routed, graph.slots)
@@ -208,7 +228,7 @@ class PathGraphs:
                     graph.release()
         if first:
             with self.lock:
-                self.compile_seconds.setdefault(path, time.perf_counter() - start)
+                self.compile_seconds.setdefault(key, time.perf_counter() - start)
         return out
 
     @staticmethod
