@@ -27,7 +27,7 @@ BUDGET_S = 540  # 9 minutes on one H100/H200, all steps together
 EXPECTED_MIN = 6
 BENCH = ["-m", "drllm.cli", "bench", "--model", "random:llama-3.2-3b", "--dtype", "bfloat16", "--quick",
          "--batch-sizes", "1,8,64", "--gen-tokens", "32", "--tokens", "16",
-         "--suites", "routing,generation,throughput,policy,compile,kernels"]
+         "--suites", "routing,generation,throughput,policy,grouping,compile,kernels"]
 GPU_TESTS = ["tests/test_gpu.py", "tests/test_ext.py", "tests/test_kernels_triton.py::test_triton_compiled_on_cuda"]
 
 

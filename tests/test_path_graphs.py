@@ -136,6 +136,30 @@ def test_grouped_beam_search_equals_ungrouped():
     assert torch.equal(got, want)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("paths", [[A, A], [A, B]], ids=["one path: the model's graph", "groups: the decoder's"])
+def test_compiled_beam_search_equals_eager(paths):
+    """Beams on a static cache through path graphs: the whole model's for a batch on one path (the head inside),
+    the decoder's per group; tokens and the paths returned as eager decoding gives them."""
+    eager = drllm.patch(tiny_model("llama", seed=7))
+    compiled = drllm.compile(drllm.patch(tiny_model("llama", seed=7)), backend="eager")
+    ids, mask = random_batch(2, 8, seed=8)
+    kwargs = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0,
+                  cache_implementation="static", return_dict_in_generate=True)
+    previous = set_group_policy(min_rows=1)
+    try:
+        with drllm.forced_paths(eager, paths):
+            want = eager.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        with drllm.forced_paths(compiled, paths):
+            got = compiled.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    finally:
+        restore_group_policy(previous)
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.equal(got.paths, want.paths) and got.paths.tolist() == [paths[0]] * 2 + [paths[1]] * 2
+    level = "model" if paths[0] == paths[1] else "decoder"
+    assert {(tuple(p), level) for p in paths} <= set(require_state(compiled).graphs.compile_seconds)
+
+
 def test_plan_groups_keeps_frequent_paths_and_pools_the_rest():
     decisions = torch.tensor([A, B, A, C, A, B])
     groups = plan_groups(decisions, min_rows=3)
